@@ -1,0 +1,164 @@
+"""The shapes world checked against its own pixels and ground truth."""
+import io
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from actors.schema import RECORD_SCHEMA, check_schema
+from actors.shapes.tasks import NUMBER_WORDS, parse_mentions
+from actors.shapes.vocab import BACKGROUND, COLOURS, POSITIONS, SHAPES
+from actors.shapes.world import GRID, WorldConfig, combo_prior, object_centre, render, sample_scene
+
+
+def rows(world, split):
+    return pq.read_table(world / split).to_pylist()
+
+
+def objset(objs):
+    return {(o["size"], o["colour"], o["shape"], o["position"]) for o in objs}
+
+
+def mention_set(text):
+    return {(o.size, o.colour, o.shape, o.position) for o in parse_mentions(text)}
+
+
+def test_schema_matches_declared(shapes_world):
+    table = pq.read_table(shapes_world / "train")
+    check_schema(table.schema)
+    assert table.schema.remove_metadata().equals(RECORD_SCHEMA.remove_metadata())
+
+
+def test_object_centres_have_object_colour():
+    cfg = WorldConfig()
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        scene = sample_scene(rng, cfg)
+        pixels = np.asarray(render(scene, cfg))
+        for obj, off in zip(scene.objects, scene.offsets):
+            x, y = object_centre(obj, off, cfg)
+            assert tuple(pixels[y, x]) == COLOURS[obj.colour], obj
+
+
+def test_stored_images_match_their_objects(shapes_world):
+    cell = 48 // GRID
+    for r in rows(shapes_world, "val"):
+        if r["task"] != "caption":
+            continue
+        px = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+        assert px.shape == (48, 48, 3)
+        by_pos = {o["position"]: o for o in r["objects"]}
+        for c, name in enumerate(POSITIONS):
+            row, col = divmod(c, GRID)
+            centre = tuple(px[row * cell + cell // 2, col * cell + cell // 2])
+            want = COLOURS[by_pos[name]["colour"]] if name in by_pos else BACKGROUND
+            assert centre == want, (r["id"], name)
+        # Per-cell labels for vision pretraining agree with the objects.
+        assert sum(r["cell_present"]) == len(r["objects"])
+        for o in r["objects"]:
+            c = POSITIONS.index(o["position"])
+            assert r["cell_present"][c] == 1 and SHAPES[r["cell_shape"][c]] == o["shape"]
+
+
+def test_every_image_has_1_to_4_objects_in_distinct_cells(shapes_world):
+    for split in ("train", "val", "test"):
+        for r in rows(shapes_world, split):
+            positions = [o["position"] for o in r["objects"]]
+            assert 1 <= len(positions) <= 4 and len(set(positions)) == len(positions)
+
+
+def test_pope_is_balanced_and_truthful(shapes_world):
+    prior = combo_prior(WorldConfig().popularity_skew)
+    answers = Counter()
+    for split in ("train", "val", "test"):
+        for r in rows(shapes_world, split):
+            if r["task"] != "pope":
+                continue
+            answers[(r["subtask"], r["answer"])] += 1
+            q = r["messages"][0]["content"]
+            colour, shape = q.removeprefix("<image>Is there a ").removesuffix(" in the image?").split()
+            present = {(o["colour"], o["shape"]) for o in r["objects"]}
+            assert ((colour, shape) in present) == (r["answer"] == "yes"), r["id"]
+            if r["answer"] == "no" and r["subtask"] == "adversarial":
+                assert any(colour == c or shape == s for c, s in present)
+            if r["answer"] == "no" and r["subtask"] == "popular":
+                absent = sorted((cs for cs in prior if cs not in present), key=lambda cs: -prior[cs])
+                assert (colour, shape) in absent[:3]
+    for kind in ("random", "popular", "adversarial"):
+        assert answers[(kind, "yes")] == answers[(kind, "no")] > 0, answers
+
+
+def test_rejected_differs_by_exactly_one_hallucination(shapes_world):
+    kinds = Counter()
+    for r in rows(shapes_world, "train"):
+        if r["task"] != "preference":
+            continue
+        chosen, rejected = mention_set(r["chosen"]), mention_set(r["rejected"])
+        assert chosen == objset(r["objects"])  # chosen is faithful
+        extra, missing = rejected - chosen, chosen - rejected
+        assert len(extra) == 1, (r["id"], r["subtask"])
+        if r["subtask"] == "object":
+            assert not missing
+        else:
+            (new,), (old,) = extra, missing
+            changed = [i for i in range(4) if new[i] != old[i]]
+            # size, colour, shape, position: exactly one differs, and it is the one named.
+            assert len(changed) == 1
+            assert ("size", "colour", "shape", "position")[changed[0]] == r["subtask"]
+        kinds[r["subtask"]] += 1
+    assert set(kinds) == {"object", "colour", "shape", "size", "position"}
+
+
+def test_eval_captions_are_clean_and_train_has_noise(shapes_world):
+    for split in ("val", "test"):
+        for r in rows(shapes_world, split):
+            if r["task"] == "caption":
+                assert not r["noisy"] and mention_set(r["answer"]) == objset(r["objects"])
+    train = [r for r in rows(shapes_world, "train") if r["task"] == "caption"]
+    noisy = [r for r in train if r["noisy"]]
+    assert 0 < len(noisy) < len(train) * 0.4
+    for r in train:
+        extra = mention_set(r["answer"]) - objset(r["objects"])
+        assert len(extra) == (1 if r["noisy"] else 0)
+        assert objset(r["objects"]) <= mention_set(r["answer"])
+        # The invented object sits in an empty cell, so the caption never contradicts a real one.
+        assert not {e[3] for e in extra} & {o["position"] for o in r["objects"]}
+
+
+def test_vqa_answers_follow_from_objects(shapes_world):
+    for r in rows(shapes_world, "val"):
+        if r["task"] != "vqa":
+            continue
+        q = r["messages"][0]["content"].removeprefix("<image>")
+        objs = r["objects"]
+        a = r["messages"][1]["content"]
+        assert a == r["answer"]
+        if r["subtask"] == "shape":
+            pos = q.removeprefix("What shape is at the ").removesuffix("?")
+            assert [o["shape"] for o in objs if o["position"] == pos] == [a]
+        elif r["subtask"] == "count" and q == "How many objects are there?":
+            assert a == NUMBER_WORDS[len(objs)]
+        elif r["subtask"] == "count":
+            colour = q.split()[2]
+            assert a == NUMBER_WORDS[sum(o["colour"] == colour for o in objs)]
+        elif r["subtask"] == "position" and " at the " not in q:
+            colour, shape = q.removeprefix("Where is the ").removesuffix("?").split()
+            assert [o["position"] for o in objs if (o["colour"], o["shape"]) == (colour, shape)] == [a]
+        elif r["subtask"] == "colour" and " at the " not in q:
+            shape = q.removeprefix("What colour is the ").removesuffix("?")
+            assert [o["colour"] for o in objs if o["shape"] == shape] == [a]
+
+
+def test_ids_are_unique(shapes_world):
+    ids = [r["id"] for s in ("train", "val", "test") for r in rows(shapes_world, s)]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(image_size=50), dict(patch_size=5), dict(min_objects=3, max_objects=2), dict(max_objects=5),
+])
+def test_world_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        WorldConfig(**bad)
