@@ -92,7 +92,13 @@ class ModelSpec:
     vision_tower: str | None = None
     num_experts: int = 4
     top_k: int = 2
-    moe_layers: str = "every"  # every | every_other
+    moe_layers: str = "every_other"  # every_other (layers 0, 2, 4, ...; the LLaVA-MoD code) | all
+
+    def __post_init__(self) -> None:
+        if self.moe_layers not in ("every_other", "all"):
+            raise ValueError(f"model.moe_layers must be 'every_other' or 'all', got {self.moe_layers!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model: need 1 <= top_k <= num_experts, got top_k={self.top_k}, num_experts={self.num_experts}")
 
 
 @dataclass(frozen=True)

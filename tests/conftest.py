@@ -4,6 +4,7 @@ import pytest
 
 # Two cores are shared by every process a test starts (Ray workers, Serve replicas): keep torch polite.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting threads starve other processes
 
 
 @pytest.fixture(scope="session")
