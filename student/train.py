@@ -2,10 +2,15 @@
 
 With no arguments it runs the embedded default: the shapes world (datasets/shapes.yaml) through the
 whole LLaVA-MoD pipeline on a local Ray. What runs today: the run directory with its resolved config,
-the generated world, its tokenizer and a contact sheet. The training stages land with the Ray Train
-work (issue 7); asking for one before then is a clear error, not a silent no-op.
+the generated world, its tokenizer and a contact sheet, and the teacher and student models of the
+recipe's preset with their parameter counts (`models.json`). The training stages land with the Ray
+Train work; asking for one before then is a clear error, not a silent no-op.
 """
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: busy-waiting threads starve Ray workers
 
 import sys
 import time
@@ -14,7 +19,7 @@ from pathlib import Path
 import click
 
 from actors.recipe import STAGES, load_recipe
-from student.run_dir import new_run_name, write_resolved_config
+from student.run_dir import new_run_name, write_json, write_resolved_config
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "datasets" / "shapes.yaml"
 PIPELINES = {"llava-mod": ("teacher", "init", "d2d", "d2s", "preference"), "llava-kd": ("dpt", "sft", "dft")}
@@ -35,6 +40,19 @@ def prepare_world(recipe, run_dir: Path) -> Path:
                    WorldConfig(image_size=w.image_size, patch_size=w.patch_size))
     write_contact_sheet(world_dir, world_dir / "contact_sheet.png", count=16)
     return world_dir
+
+
+def describe_models(recipe, tokenizer) -> dict:
+    """Build the preset's teacher, dense student and upcycled student; report their sizes."""
+    from student.model import build_student, build_teacher, get_preset, parameter_report, upcycle
+
+    preset = get_preset(recipe.model.preset)
+    teacher = build_teacher(preset, tokenizer, seed=recipe.seed)
+    dense = build_student(preset, tokenizer, seed=recipe.seed)
+    moe = upcycle(dense, recipe.model.num_experts, recipe.model.top_k, layers=recipe.model.moe_layers,
+                  seed=recipe.seed)
+    return {name: parameter_report(m) for name, m in
+            (("teacher", teacher), ("student_dense", dense), ("student_moe", moe))}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +80,13 @@ def main(stage, pipeline, recipe_path, run_dir, seed):
     if recipe.world is not None:
         world = prepare_world(recipe, run)
         click.echo(f"shapes world: {world} (contact sheet: {world / 'contact_sheet.png'})")
+        from actors.shapes.tokenizer import load_tokenizer
+
+        models = describe_models(recipe, load_tokenizer(world / "tokenizer"))
+        write_json(run / "models.json", models)
+        for name, rep in models.items():
+            click.echo(f"  {name:<14} total {rep['total']:>10,}  active {rep['active']:>10,}  "
+                       f"experts {rep['num_experts']}x top-{rep['top_k']} on layers {rep['moe_layers']}")
     pending = [s for s in stages if s not in IMPLEMENTED_STAGES]
     if pending:
         click.echo(f"error: training stage(s) {pending} are not available yet in this version "

@@ -1,4 +1,5 @@
 """The main job's command line, as far as it exists: run directory, resolved config, the world."""
+import json
 from pathlib import Path
 
 import yaml
@@ -19,6 +20,10 @@ def test_prepares_run_dir_and_refuses_unbuilt_stages_clearly(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["recipe"]["seed"] == 3 and saved["flags"]["stage"] == "all"
     assert (run / "world" / "manifest.json").exists() and (run / "world" / "contact_sheet.png").exists()
+    models = json.loads((run / "models.json").read_text())
+    assert models["student_moe"]["num_experts"] == 4 and models["student_moe"]["top_k"] == 2
+    assert models["teacher"]["language_model"] > 2 * models["student_dense"]["language_model"]
+    assert models["student_moe"]["active"] < models["student_moe"]["total"]
     assert res.exit_code == 3 and "not available yet" in res.output
 
 
