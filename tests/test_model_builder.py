@@ -1,10 +1,8 @@
 """Presets and the Llava builder: shapes, config wiring, processor expansion, determinism."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from actors.shapes.world import WorldConfig
@@ -13,7 +11,6 @@ from student.model import (
     LLMSpec,
     VisionSpec,
     build_llava,
-    build_processor,
     build_student,
     build_teacher,
     copy_vision_tower,
@@ -21,15 +18,7 @@ from student.model import (
     llava_config,
     parameter_report,
 )
-
-PROMPT = "<image>What colour is the circle?"
-
-
-def batch(tok, answers=("red", "a large blue square")):
-    proc = build_processor(tok)
-    imgs = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(len(answers))]
-    head = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    return proc(images=imgs, text=[head + a for a in answers], return_tensors="pt", padding=True)
+from model_inputs import image_text_batch
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -77,7 +66,7 @@ def test_config_is_wired_from_the_tokenizer(shapes_tokenizer):
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_processor_expands_image_and_model_trains_on_it(shapes_tokenizer, family):
     tok = shapes_tokenizer
-    b = batch(tok)
+    b = image_text_batch(tok)
     assert (b["input_ids"] == tok.image_token_id).sum(1).tolist() == [36, 36]
     assert b["pixel_values"].shape == (2, 3, 48, 48)
     p = get_preset("tiny")

@@ -2,10 +2,8 @@
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
@@ -32,17 +30,7 @@ from student.model import (
     parameter_report,
     upcycle,
 )
-
-PROMPT = "<image>What colour is the circle?"
-
-
-def images(n=2):
-    return [Image.fromarray(np.random.RandomState(i).randint(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def texts(tok, answers=("red", "a large blue square at the top left")):
-    head = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    return [head + a for a in answers]
+from model_inputs import prompt_texts, random_images
 
 
 def student(tok, family="qwen3"):
@@ -63,8 +51,8 @@ def test_export_reloads_with_identical_logits_and_layout(tmp_path, shapes_tokeni
 
     again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     proc2 = AutoProcessor.from_pretrained(tmp_path)
-    b = proc(images=images(), text=texts(tok), return_tensors="pt", padding=True)
-    b2 = proc2(images=images(), text=texts(tok), return_tensors="pt", padding=True)
+    b = proc(images=random_images(), text=prompt_texts(tok), return_tensors="pt", padding=True)
+    b2 = proc2(images=random_images(), text=prompt_texts(tok), return_tensors="pt", padding=True)
     assert b.keys() == b2.keys() and all(torch.equal(b[k], b2[k]) for k in b)
     with torch.no_grad():
         assert torch.equal(model(**b).logits, again(**b2).logits)
@@ -155,7 +143,7 @@ def test_assemble_student_from_tower_and_llm_checkpoints(tmp_path, checkpoint):
     ids = torch.tensor([tok.encode("<|user|>what colour is the circle?")])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, llm(input_ids=ids).logits)  # text path = the LLM itself
-        b = proc(images=images(1), text=["<|user|><image>what colour?"], return_tensors="pt")
+        b = proc(images=random_images(1), text=["<|user|><image>what colour?"], return_tensors="pt")
         assert (b["input_ids"] == model.config.image_token_index).sum() == 36
         got = model.model.vision_tower(b["pixel_values"], output_hidden_states=True).hidden_states[-2]
         ref = tower(b["pixel_values"], output_hidden_states=True).hidden_states[-2]

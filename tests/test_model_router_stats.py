@@ -2,20 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from student.losses.moe_aux import load_balancing_loss, router_z_loss
-from student.model import RouterRecorder, build_processor, build_student, get_preset, upcycle
-
-PROMPT = "<image>What colour is the circle?"
-
-
-def batch(tok, answers=("red", "a large blue square at the top left")):
-    proc = build_processor(tok)
-    imgs = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(len(answers))]
-    head = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    return proc(images=imgs, text=[head + a for a in answers], return_tensors="pt", padding=True)
+from student.model import RouterRecorder, build_student, get_preset, upcycle
+from model_inputs import image_text_batch
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +15,7 @@ def moe(shapes_tokenizer):
 
 
 def test_per_layer_load_sums_to_one_and_losses_match_the_shared_formulas(moe, shapes_tokenizer):
-    b = batch(shapes_tokenizer)
+    b = image_text_batch(shapes_tokenizer)
     mask = b["attention_mask"].bool()
     with RouterRecorder(moe) as rec:
         moe(**b)
@@ -48,7 +39,7 @@ def test_per_layer_load_sums_to_one_and_losses_match_the_shared_formulas(moe, sh
 
 
 def test_padding_rows_are_ignored(moe, shapes_tokenizer):
-    b = batch(shapes_tokenizer)
+    b = image_text_batch(shapes_tokenizer)
     mask = b["attention_mask"].reshape(-1).bool()
     with RouterRecorder(moe) as rec:
         moe(**b)
@@ -64,7 +55,7 @@ def test_padding_rows_are_ignored(moe, shapes_tokenizer):
 def test_aux_loss_keeps_its_graph_so_routers_train(moe, shapes_tokenizer):
     moe.zero_grad(set_to_none=True)
     with RouterRecorder(moe) as rec:
-        moe(**batch(shapes_tokenizer))
+        moe(**image_text_batch(shapes_tokenizer))
         st = rec.stats()
     (st.aux_loss + st.z_loss).backward()
     for i in (0, 2):

@@ -1,31 +1,21 @@
 """Per-stage trainable parameters: hand-computed counts, and one AdamW step touches only the selection."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from student.model import (
     STAGES,
     apply_trainable,
     build_llava,
-    build_processor,
     get_preset,
     trainable_parameter_names,
     upcycle,
 )
 from student.model.router_stats import RouterRecorder
+from model_inputs import image_text_batch
 
-PROMPT = "<image>What colour is the circle?"
 E, K = 4, 2
-
-
-def batch(tok, answers=("red", "a large blue square at the top left")):
-    proc = build_processor(tok)
-    imgs = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(len(answers))]
-    head = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    return proc(images=imgs, text=[head + a for a in answers], return_tensors="pt", padding=True)
 
 
 def moe_student(tok, family):
@@ -112,7 +102,7 @@ def test_one_adamw_step_changes_exactly_the_selected_parameters(shapes_tokenizer
     assert selected == {n for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    b = batch(shapes_tokenizer)
+    b = image_text_batch(shapes_tokenizer)
     labels = b["input_ids"].masked_fill((b["attention_mask"] == 0) | (b["input_ids"] == shapes_tokenizer.image_token_id), -100)
     with RouterRecorder(model) as rec:
         out = model(**b, labels=labels)

@@ -1,22 +1,12 @@
 """Upcycling dense Qwen3/Qwen2 Llava students into MoE: exactness, layer pattern, router init, noise."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from student.model import build_llava, build_processor, get_preset, upcycle
+from student.model import build_llava, get_preset, upcycle
 from student.model.upcycle import moe_layer_indices
-
-PROMPT = "<image>What colour is the circle?"
-
-
-def batch(tok, answers=("red", "a large blue square at the top left")):
-    proc = build_processor(tok)
-    imgs = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (48, 48, 3), dtype=np.uint8)) for i in range(len(answers))]
-    head = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    return proc(images=imgs, text=[head + a for a in answers], return_tensors="pt", padding=True)
+from model_inputs import image_text_batch
 
 
 def dense(tok, family="qwen3", seed=0):
@@ -27,7 +17,7 @@ def dense(tok, family="qwen3", seed=0):
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 @pytest.mark.parametrize("layers", ["all", "every_other"])
 def test_upcycled_logits_equal_dense(shapes_tokenizer, family, layers):
-    b = batch(shapes_tokenizer)
+    b = image_text_batch(shapes_tokenizer)
     assert (b["attention_mask"] == 0).any()  # padding is part of the check
     model = dense(shapes_tokenizer, family)
     with torch.no_grad():
@@ -76,7 +66,7 @@ def test_experts_are_copies_router_is_seeded_and_dense_is_untouched(shapes_token
 
 
 def test_router_gets_no_task_gradient_at_init_unless_experts_are_noised(shapes_tokenizer):
-    b = batch(shapes_tokenizer)
+    b = image_text_batch(shapes_tokenizer)
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
     model = dense(shapes_tokenizer)
 

@@ -5,3 +5,5 @@ plus per-cell labels so a vision encoder can be pretrained on it in seconds.
 """
 from actors.shapes.vocab import COLOURS, POSITIONS, SHAPES, SIZES
 from actors.shapes.world import Obj, Scene, WorldConfig, render, sample_scene
+
+__all__ = ["COLOURS", "POSITIONS", "SHAPES", "SIZES", "Obj", "Scene", "WorldConfig", "render", "sample_scene"]
