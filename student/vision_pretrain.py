@@ -1,0 +1,131 @@
+"""Pretrain a Llava model's vision tower on the shapes world's per-cell labels.
+
+The papers start from a pretrained, frozen CLIP. The embedded world has none, and learning shapes
+*through language* is what made from-scratch training slow (../shared/notes/shapes-world.md). The
+world's grid cells are aligned with the patches, so every patch has exact labels (is there an object
+in my cell, its shape, colour and size, which cell I am): linear heads on each patch's feature learn
+them in seconds. What the LLM then receives is a tower whose image tokens already say what and where.
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+__all__ = ["VisionPretrainConfig", "LABELS", "cell_targets", "pretrain_vision_tower", "probe_accuracy"]
+
+# label column -> number of classes (-1 in the data = no object in that cell: ignored)
+LABELS = {"cell_present": 2, "cell_shape": 4, "cell_colour": 6, "cell_size": 2}
+GRID = 3
+
+
+@dataclass(frozen=True)
+class VisionPretrainConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    cell_index: bool = True  # also predict which of the 9 cells a patch is in (position, for "where is X?")
+
+
+def _pixels(images: list[bytes], image_mean, image_std) -> torch.Tensor:
+    arrs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.float32) / 255.0 for b in images]
+    x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def cell_targets(rows: list[dict], patches_per_side: int) -> dict[str, torch.Tensor]:
+    """Per-patch targets [B, P] (row-major patches) from per-cell labels [B, 9]."""
+    per_cell = patches_per_side // GRID
+    if per_cell * GRID != patches_per_side:
+        raise ValueError(f"patches per side ({patches_per_side}) must be a multiple of the {GRID}x{GRID} grid")
+    r = torch.arange(patches_per_side) // per_cell
+    cell_of_patch = (r.view(-1, 1) * GRID + r.view(1, -1)).reshape(-1)  # [P]
+    out = {}
+    for name in LABELS:
+        cells = torch.tensor([row[name] for row in rows], dtype=torch.long)  # [B, 9]
+        out[name] = cells[:, cell_of_patch]
+    out["cell"] = cell_of_patch.unsqueeze(0).expand(len(rows), -1)
+    return out
+
+
+def _features(tower: nn.Module, pixel_values: torch.Tensor, num_patches: int) -> torch.Tensor:
+    h = tower(pixel_values=pixel_values).last_hidden_state
+    return h[:, -num_patches:]  # drop CLS when present
+
+
+def pretrain_vision_tower(
+    tower: nn.Module,
+    images: list[dict],
+    *,
+    image_mean,
+    image_std,
+    cfg: VisionPretrainConfig = VisionPretrainConfig(),
+    progress: bool = True,
+) -> dict:
+    """Train `tower` in place on per-patch labels; return {"steps", "seconds", "loss", "probe": accuracies}.
+
+    `images`: one dict per distinct image with "image" (encoded bytes) and the per-cell label lists.
+    """
+    from tqdm.auto import tqdm
+
+    if not images:
+        raise ValueError("images: need at least one image with per-cell labels")
+    missing = [k for k in LABELS if k not in images[0]]
+    if missing:
+        raise ValueError(f"images: rows lack per-cell label columns {missing} (only the shapes world has them)")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    hidden = tower.config.hidden_size
+    side = tower.config.image_size // tower.config.patch_size
+    heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in LABELS.items()})
+    if cfg.cell_index:
+        heads["cell"] = nn.Linear(hidden, GRID * GRID)
+    params = list(tower.parameters()) + list(heads.parameters())
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    pix = _pixels([r["image"] for r in images], image_mean, image_std)
+    targets = cell_targets(images, side)
+    tower.train()
+    t0 = time.perf_counter()
+    loss = torch.tensor(0.0)
+    bar = tqdm(range(cfg.steps), desc="vision pretrain", disable=not progress, leave=False)
+    for _ in bar:
+        idx = torch.randint(len(images), (min(cfg.batch_size, len(images)),), generator=gen)
+        h = _features(tower, pix[idx], side * side)
+        loss = 0.0
+        for name, head in heads.items():
+            y = targets[name][idx]
+            keep = y >= 0
+            loss = loss + F.cross_entropy(head(h)[keep], y[keep])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - t0
+    tower.eval()
+    return {"steps": cfg.steps, "seconds": round(seconds, 2), "loss": float(loss.detach()), "heads": heads}
+
+
+@torch.no_grad()
+def probe_accuracy(tower: nn.Module, heads: nn.ModuleDict, images: list[dict], *, image_mean, image_std) -> dict[str, float]:
+    """Per-patch accuracy of the pretraining heads on held-out images (the tower's report card)."""
+    side = tower.config.image_size // tower.config.patch_size
+    pix = _pixels([r["image"] for r in images], image_mean, image_std)
+    targets = cell_targets(images, side)
+    h = _features(tower, pix, side * side)
+    out = {}
+    for name, head in heads.items():
+        y = targets[name]
+        keep = y >= 0
+        out[name] = float((head(h).argmax(-1)[keep] == y[keep]).float().mean())
+    return out
