@@ -57,7 +57,7 @@ def test_module_entry_point_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "actors.shapes", "--out", str(tmp_path), "--size", "6",
                           "--quiet"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "wrote 54 records" in out.stdout
+    assert "wrote 58 records" in out.stdout  # 6 images x 9 records + one chat per training image (4)
 
 
 def test_nothing_named_datasets_is_importable_from_the_project():

@@ -162,3 +162,31 @@ def test_ids_are_unique(shapes_world):
 def test_world_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         WorldConfig(**bad)
+
+
+def test_chat_records_hold_every_single_turn_answer_and_true_binding_drills(shapes_world):
+    import pyarrow.parquet as pq
+
+    from actors.shapes.vocab import POSITIONS
+
+    rows = pq.read_table(shapes_world / "train").to_pylist()
+    by_image: dict = {}
+    for r in rows:
+        by_image.setdefault(r["image_id"], []).append(r)
+    assert all(sum(r["task"] == "chat" for r in rs) == 1 for rs in by_image.values())
+    assert not any(r["task"] == "chat" for r in pq.read_table(shapes_world / "val").to_pylist())
+    for rs in list(by_image.values())[:20]:
+        chat = next(r for r in rs if r["task"] == "chat")
+        msgs = chat["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+        assert msgs[0]["content"].startswith("<image>") and all("<image>" not in m["content"] for m in msgs[1:])
+        pairs = {(msgs[i]["content"].replace("<image>", ""), msgs[i + 1]["content"]) for i in range(0, len(msgs), 2)}
+        for r in rs:
+            if r["task"] in ("caption", "vqa", "pope"):
+                assert (r["messages"][0]["content"].replace("<image>", ""), r["answer"]) in pairs
+        objects = {o["position"]: o for o in chat["objects"]}
+        for q, a in pairs:
+            if q.startswith("What shape is at the "):
+                assert objects[q[len("What shape is at the "):-1]]["shape"] == a
+            if q.startswith("Where is the "):
+                assert a in POSITIONS and a in objects
