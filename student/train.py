@@ -1,10 +1,12 @@
 """`python -m student.train [--stage STAGE]`: the product's main job.
 
 With no arguments it runs the embedded default: the shapes world (datasets/shapes.yaml) through the
-whole LLaVA-MoD pipeline on a local Ray. What runs today: the run directory with its resolved config,
-the generated world, its tokenizer and a contact sheet, and the teacher and student models of the
-recipe's preset with their parameter counts (`models.json`). The training stages land with the Ray
-Train work; asking for one before then is a clear error, not a silent no-op.
+whole LLaVA-MoD pipeline on a local Ray. It prepares the run directory (resolved config, the
+generated world with its tokenizer and contact sheet, `models.json` with the preset's sizes), then
+trains the stages one after another on Ray Train + DeepSpeed (`student.training`), each reading the
+previous stage's checkpoint from the run directory, and exports the final student to RUN/student/.
+Under `ray job submit` (RAY_ADDRESS set) it joins that cluster; otherwise it starts a local Ray.
+Training rows come from the data plane (actors), or with `--data DIR` from already-annotated Parquet.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ from student.run_dir import new_run_name, write_json, write_resolved_config
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "datasets" / "shapes.yaml"
 PIPELINES = {"llava-mod": ("teacher", "init", "d2d", "d2s", "preference"), "llava-kd": ("dpt", "sft", "dft")}
-IMPLEMENTED_STAGES: tuple[str, ...] = ()
 
 
 def prepare_world(recipe, run_dir: Path) -> Path:
@@ -55,6 +56,29 @@ def describe_models(recipe, tokenizer) -> dict:
             (("teacher", teacher), ("student_dense", dense), ("student_moe", moe))}
 
 
+def stage_list(stage: str, pipeline: str, recipe, run: Path) -> tuple[str, ...]:
+    """The stages to run: one, or the pipeline (without `teacher` when a teacher is given or trained)."""
+    if stage != "all":
+        return (stage,)
+    stages = PIPELINES[pipeline]
+    if "teacher" in stages and (recipe.model.teacher or (run / "teacher" / "config.json").exists()):
+        stages = tuple(s for s in stages if s != "teacher")
+    return stages
+
+
+def make_data_fn(data: str | None, teacher: str | None, teacher_cache: Path):
+    """(recipe, stage, run_dir) -> (dataset, rows): --data DIR[/<stage>] Parquet, else the data plane."""
+    from student.training.data import annotated_parquet, stage_dataset
+
+    def data_fn(recipe, stage, run_dir):
+        if data is not None:
+            root = Path(data)
+            return annotated_parquet(root / stage if (root / stage).is_dir() else root)
+        return stage_dataset(recipe, stage, run_dir, teacher=teacher, teacher_cache=teacher_cache)
+
+    return data_fn
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--stage", type=click.Choice([*STAGES, "all"]), default="all", show_default=True)
 @click.option("--pipeline", type=click.Choice(sorted(PIPELINES)), default="llava-mod", show_default=True,
@@ -64,35 +88,74 @@ def describe_models(recipe, tokenizer) -> dict:
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Existing run directory to continue, or where to create one (default runs/<unique name>).")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
-def main(stage, pipeline, recipe_path, run_dir, seed):
+@click.option("--workers", default="2", show_default=True, help="Ray Train workers: N, or MIN:MAX (elastic).")
+@click.option("--zero-stage", type=click.IntRange(0, 3), default=2, show_default=True, help="DeepSpeed ZeRO stage.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per stage (overrides epochs).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Checkpoint every N steps (0: only at the end of each stage).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --run-dir from its last checkpoints.")
+@click.option("--max-failures", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Worker-group restarts from the last checkpoint before a stage fails.")
+@click.option("--teacher", default=None, help="Teacher: a Serve app NAME (shared endpoint) or a checkpoint PATH.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False), default=None,
+              help="Teacher-output cache directory (default RUN/teacher_cache).")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Already-annotated rows (actors.columns) as Parquet: DIR/<stage>/ or DIR; skips the data plane.")
+@click.option("--gpu", is_flag=True, help="Train on GPUs (bf16); default CPU (fp32).")
+@click.option("--no-progress", is_flag=True, help="No tqdm bars (metrics still go to RUN/metrics.jsonl).")
+def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_steps, checkpoint_every, resume,
+         max_failures, teacher, teacher_cache, data, gpu, no_progress):
     """Distil a multimodal teacher into a sparse-MoE student, stage by stage."""
+    from student.training.data import DataPlaneUnavailable
+    from student.training.pipeline import TrainOptions, run_stages
+    from student.training.trainer import ensure_ray, parse_workers
+
     start = time.perf_counter()
     recipe = load_recipe(recipe_path)
     if seed is not None:
         recipe = type(recipe)(**{**recipe.__dict__, "seed": seed})
-    stages = PIPELINES[pipeline] if stage == "all" else (stage,)
+    if teacher is not None:
+        recipe = type(recipe)(**{**recipe.__dict__, "model": type(recipe.model)(**{**recipe.model.__dict__, "teacher": teacher})})
+    try:
+        worker_spec = parse_workers(workers)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--workers") from None
+    if resume and not run_dir:
+        raise click.UsageError("--resume needs --run-dir (the run to continue)")
+    run = Path(run_dir) if run_dir else Path("runs") / new_run_name(recipe)
+    stages = stage_list(stage, pipeline, recipe, run)
     missing = [s for s in stages if s not in recipe.stages]
     if missing:
         raise click.UsageError(f"recipe {recipe.name!r} has no stage(s) {missing}; it has {list(recipe.stages)}")
-    run = Path(run_dir) if run_dir else Path("runs") / new_run_name(recipe)
-    config = write_resolved_config(run, recipe, {"stage": stage, "pipeline": pipeline, "recipe": recipe_path})
+    flags = {"stage": stage, "pipeline": pipeline, "recipe": recipe_path, "workers": workers, "zero_stage": zero_stage,
+             "max_steps": max_steps, "checkpoint_every": checkpoint_every, "resume": resume, "teacher": teacher,
+             "teacher_cache": teacher_cache, "data": data}
+    config = write_resolved_config(run, recipe, flags)
     click.echo(f"run directory: {run} (resolved config: {config})")
     if recipe.world is not None:
         world = prepare_world(recipe, run)
         click.echo(f"shapes world: {world} (contact sheet: {world / 'contact_sheet.png'})")
-        from actors.shapes.tokenizer import load_tokenizer
+        if not (run / "models.json").exists():
+            from actors.shapes.tokenizer import load_tokenizer
 
-        models = describe_models(recipe, load_tokenizer(world / "tokenizer"))
-        write_json(run / "models.json", models)
-        for name, rep in models.items():
-            click.echo(f"  {name:<14} total {rep['total']:>10,}  active {rep['active']:>10,}  "
-                       f"experts {rep['num_experts']}x top-{rep['top_k']} on layers {rep['moe_layers']}")
-    pending = [s for s in stages if s not in IMPLEMENTED_STAGES]
-    if pending:
-        click.echo(f"error: training stage(s) {pending} are not available yet in this version "
-                   "(Ray Train + DeepSpeed training is being built; see the issue tracker).", err=True)
+            models = describe_models(recipe, load_tokenizer(world / "tokenizer"))
+            write_json(run / "models.json", models)
+            for name, rep in models.items():
+                click.echo(f"  {name:<14} total {rep['total']:>10,}  active {rep['active']:>10,}  "
+                           f"experts {rep['num_experts']}x top-{rep['top_k']} on layers {rep['moe_layers']}")
+    address = ensure_ray()
+    click.echo(f"ray: {address}; stages: {' -> '.join(stages)}")
+    options = TrainOptions(workers=worker_spec, zero_stage=zero_stage, max_steps=max_steps,
+                           checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures,
+                           use_gpu=gpu, progress=not no_progress)
+    cache = Path(teacher_cache) if teacher_cache else run / "teacher_cache"
+    try:
+        run_stages(stages, run, recipe, make_data_fn(data, teacher, cache), options, echo=click.echo)
+    except DataPlaneUnavailable as e:
+        click.echo(f"error: training data is not available yet: {e}", err=True)
         click.echo(f"prepared in {time.perf_counter() - start:.1f}s", err=True)
         sys.exit(3)
+    click.echo(f"done in {time.perf_counter() - start:.1f}s; metrics: {run / 'metrics.jsonl'}, TensorBoard: {run / 'tb'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,82 @@
+"""Stage chaining: run stages in order through the run directory, then export the final student.
+
+Each stage reads its predecessor's RUN/stages/<prev>/hf (see `stage_model`), trains under its own Ray
+Train run name and writes its own HF checkpoint; after the last stage of a pipeline (preference for
+LLaVA-MoD, dft for LLaVA-KD) the student is exported to RUN/student/.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from actors.recipe import Recipe
+from student.training.job import StageJob
+from student.training.metrics import format_summary
+from student.training.stage_model import stage_output_dir
+from student.training.trainer import Workers, run_stage
+
+__all__ = ["PIPELINES", "FINAL_STAGES", "TrainOptions", "run_stages", "export_student"]
+
+PIPELINES = {"llava-mod": ("teacher", "init", "d2d", "d2s", "preference"), "llava-kd": ("dpt", "sft", "dft")}
+FINAL_STAGES = ("preference", "dft")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    workers: Workers = field(default_factory=lambda: Workers(2, 2))
+    zero_stage: int = 2
+    max_steps: int | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    max_failures: int = 1
+    use_gpu: bool = False
+    progress: bool = True
+
+
+def export_student(run_dir: Path, stage: str) -> Path:
+    """RUN/student/ from the stage's HF checkpoint, through student.model.export (adds parameters.json)."""
+    from transformers import AutoProcessor
+
+    from student.model import export, load_model
+
+    src = stage_output_dir(run_dir, stage)
+    model = load_model(src)
+    processor = AutoProcessor.from_pretrained(str(src), local_files_only=True)
+    return export(model, processor, Path(run_dir) / "student")
+
+
+# (recipe, stage, run_dir) -> (Ray Dataset of annotated rows, rows per epoch)
+DataFn = Callable[[Recipe, str, Path], tuple]
+
+
+def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: TrainOptions = TrainOptions(),
+               echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Train `stages` in order; returns {stage: summary}. A stage already finished in this run
+    directory (its run.json says so and its checkpoint exists) is skipped when resuming."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per stage is ours
+    run_dir = Path(run_dir).resolve()
+    summaries = {}
+    for stage in stages:
+        record = run_dir / "stages" / stage / "run.json"
+        done = record.exists() and json.loads(record.read_text()).get("status") == "finished"
+        if options.resume and done and (stage_output_dir(run_dir, stage) / "config.json").exists():
+            echo(f"stage {stage}: already finished in {run_dir}, skipped (--resume)")
+            continue
+        dataset, rows = data_fn(recipe, stage, run_dir)
+        job = StageJob(stage=stage, run_dir=str(run_dir), recipe=recipe, rows=rows, zero_stage=options.zero_stage,
+                       max_steps=options.max_steps, checkpoint_every=options.checkpoint_every,
+                       use_gpu=options.use_gpu, progress=options.progress)
+        echo(f"stage {stage}: {rows} rows per epoch, {options.workers.min}"
+             f"{'' if not options.workers.elastic else f'-{options.workers.max}'} workers, ZeRO-{options.zero_stage}")
+        run_stage(job, dataset, workers=options.workers, max_failures=options.max_failures, resume=options.resume)
+        summary_path = run_dir / "stages" / stage / "summary.json"
+        summaries[stage] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        echo(format_summary(stage, summaries[stage]))
+        echo(f"stage {stage}: checkpoint {stage_output_dir(run_dir, stage)}")
+        if stage in FINAL_STAGES:
+            echo(f"final student: {export_student(run_dir, stage)}")
+    return summaries

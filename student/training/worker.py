@@ -1,0 +1,226 @@
+"""The Ray Train worker loop of one stage: a DeepSpeed engine around the stage's student.
+
+Per step: take the next micro-batch of the worker's dataset shard (time spent waiting for it is the
+time waiting on the data plane, i.e. on the teacher's annotations), pad it (`actors.collate`), run
+`stage_step`, backpropagate through the engine, set the learning rate from `schedule.lr_at`, average
+the logged metrics over ranks, and log them on rank 0. Checkpoints every `checkpoint_every` steps
+and at the end; then rank 0 exports the stage's HF checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors import columns as C
+from actors.collate import pad_collate
+from student.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from student.training.deepspeed_config import deepspeed_config
+from student.training.job import StageJob, total_steps
+from student.training.metrics import MetricsLogger, summarize
+from student.training.schedule import lr_at
+from student.training.stage_model import stage_output_dir, stage_start_model
+from student.training.step import StepContext, stage_step
+
+__all__ = ["train_loop", "fresh_batches"]
+
+
+def _take(batch: dict, keep: np.ndarray) -> dict:
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
+def _concat(parts: list[dict]) -> dict:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in parts[0]:
+        arrays = [np.asarray(p[k]) for p in parts]
+        try:
+            out[k] = np.concatenate(arrays)
+        except ValueError:  # ragged per-row arrays in differently shaped batches: fall back to object arrays
+            flat = [x for a in arrays for x in a]
+            obj = np.empty(len(flat), dtype=object)
+            obj[:] = flat
+            out[k] = obj
+    return out
+
+
+def fresh_batches(batches, consumed: set, size: int):
+    """Re-batch a stream of numpy batches into batches of `size` rows, dropping rows whose id is in
+    `consumed` (already trained on in this epoch before a restart). A short last batch is yielded too."""
+    pending: list[dict] = []
+    have = 0
+    for batch in batches:
+        ids = np.asarray(batch[C.ID])
+        keep = np.array([str(i) not in consumed for i in ids], dtype=bool) if consumed else np.ones(len(ids), bool)
+        if not keep.all():
+            batch = _take(batch, keep)
+        n = int(keep.sum())
+        if n == 0:
+            continue
+        pending.append(batch)
+        have += n
+        while have >= size:
+            merged = _concat(pending)
+            yield _take(merged, np.arange(size))
+            rest = have - size
+            pending = [_take(merged, np.arange(size, size + rest))] if rest else []
+            have = rest
+    if have:
+        yield _concat(pending)
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _reduce_metrics(values: dict, world: int) -> dict:
+    """Mean over ranks (tokens: sum), one all_reduce for all keys (every rank logs the same keys)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: (v if k == "tokens" else v / world) for k, v in zip(keys, t.tolist())}
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _export(engine, processor, out_dir: Path, rank: int, zero_stage: int) -> None:
+    """Rank 0 writes the HF checkpoint; under ZeRO-3 every rank first gathers the partitioned weights."""
+    import torch.distributed as dist
+
+    from student.model import export
+
+    model = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            if rank == 0:
+                export(model, processor, out_dir)
+    elif rank == 0:
+        export(model, processor, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker; config = {"job": StageJob}."""
+    import deepspeed
+    import ray.train
+
+    from student.model import RouterRecorder, apply_trainable, is_moe
+
+    job: StageJob = config["job"]
+    spec = job.spec
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    torch.manual_seed(job.seed + rank)
+    run_dir = Path(job.run_dir)
+
+    model, processor = stage_start_model(job.stage, run_dir, job.recipe)
+    trainable = apply_trainable(model, job.stage)
+    model.train()
+    recorder = RouterRecorder(model).attach() if is_moe(model) else None
+    tok = processor.tokenizer
+    step_ctx = StepContext(vocab_size=len(tok), image_token_id=int(tok.image_token_id),
+                           pad_token_id=int(tok.pad_token_id), gather_head=job.zero_stage == 3)
+
+    micro = max(1, spec.batch_size // world)
+    global_batch = micro * world
+    steps = total_steps(spec, job.rows, global_batch, job.max_steps)
+    ds_cfg = deepspeed_config(spec.optim, zero_stage=job.zero_stage, micro_batch=micro, world_size=world,
+                              bf16=job.use_gpu)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+
+    state = TrainState(world_size=world, global_batch=global_batch)
+    weights_only = False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state, weights_only = restore_checkpoint(engine, checkpoint, world)
+    saved_step = state.step if checkpoint is not None else -1
+
+    logger = MetricsLogger(run_dir, job.stage, steps, start_step=state.step, enabled=rank == 0,
+                           progress=job.progress)
+    if rank == 0:
+        how = "fresh" if checkpoint is None else ("weights-only resume" if weights_only else "resume")
+        print(f"[{job.stage}] {how} at step {state.step}/{steps}: world {world} x micro-batch {micro}, "
+              f"ZeRO-{job.zero_stage}, {sum(p.numel() for p in params):,} trainable params "
+              f"in {len(trainable)} tensors", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    device = engine.device
+    t_stage = time.time()
+    last_loss = float("nan")
+    while state.step < steps:
+        batches = shard.iter_batches(batch_size=micro, batch_format="numpy",
+                                     local_shuffle_buffer_size=job.shuffle_buffer or None,
+                                     local_shuffle_seed=job.seed * 1000 + state.epoch if job.shuffle_buffer else None)
+        stream = fresh_batches(batches, state.consumed, micro)
+        stepped = False
+        while state.step < steps:
+            t0 = time.perf_counter()
+            raw = next(stream, None)
+            wait = time.perf_counter() - t0
+            if not _all_ranks_true(raw is not None):
+                break
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                     for k, v in pad_collate(raw, step_ctx.pad_token_id).items()}
+            _set_lr(optimizer, lr_at(state.step, steps, spec.optim.lr, spec.optim.warmup_ratio, spec.optim.schedule))
+            loss, logged = stage_step(engine.module, batch, job.stage, spec.loss, step_ctx, recorder)
+            engine.backward(loss)
+            engine.step()
+            state.consumed.update(str(i) for i in raw[C.ID])
+            state.step += 1
+            stepped = True
+            dt = time.perf_counter() - t0
+            logged.update(time_s=dt, teacher_wait_s=wait)
+            logged = _reduce_metrics(logged, world)
+            tokens = logged.pop("tokens")
+            last_loss = logged["loss/total"]
+            logger.log(state.step, {"epoch": state.epoch, "lr": optimizer.param_groups[0]["lr"],
+                                    "tokens_per_s": tokens / max(dt, 1e-9), **logged})
+            if job.checkpoint_every and state.step % job.checkpoint_every == 0 and state.step < steps:
+                save_checkpoint(engine, state, rank, {"loss": last_loss})
+                saved_step = state.step
+        else:
+            break
+        if not stepped:
+            raise RuntimeError(f"stage {job.stage!r}: epoch {state.epoch} produced no batch on some rank "
+                               f"(empty dataset, or fewer rows than workers?)")
+        state.epoch += 1
+        state.consumed = set()
+
+    wall = time.time() - t_stage
+    if saved_step != state.step:
+        save_checkpoint(engine, state, rank, {"loss": last_loss})
+    if recorder is not None:
+        recorder.detach()
+    out = stage_output_dir(run_dir, job.stage)
+    _export(engine, processor, out, rank, job.zero_stage)
+    if rank == 0:
+        import json
+
+        summary = summarize(logger.records, wall)
+        summary.update(world_size=world, micro_batch=micro, zero_stage=job.zero_stage, total_steps=steps,
+                       resumed_weights_only=weights_only, output=str(out))
+        (run_dir / "stages" / job.stage).mkdir(parents=True, exist_ok=True)
+        (run_dir / "stages" / job.stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.close()
