@@ -13,7 +13,6 @@ Retry-After when the teacher's queue is full or no replica is up. Bodies are nev
 The ingress is a separate Serve app ("<name>-http") calling the teacher app through its handle, so
 handle callers and HTTP callers share the same replicas and batches.
 """
-from __future__ import annotations
 
 import hashlib
 import hmac
