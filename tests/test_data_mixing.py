@@ -1,0 +1,62 @@
+"""Source mixing: weights per stage, deterministic for a seed, unique ids."""
+import pyarrow as pa
+import pytest
+
+from actors.mixing import copies, mix_rates, mix_sources
+from actors.recipe import load_recipe
+from actors.sources import SOURCE_SCHEMA, llava_record, load_source, preference_record, records_table
+
+
+def _table(name, n):
+    return records_table({"id": f"{name}-{i}", "source": name, "task": name, "messages": []} for i in range(n))
+
+
+def test_rates_give_each_source_its_weight_of_the_epoch():
+    rates = mix_rates({"a": 100, "b": 700}, {"a": 0.3, "b": 0.7})
+    assert rates["a"] == pytest.approx(2.4) and rates["b"] == pytest.approx(0.8)
+    assert mix_rates({"a": 5}, {"a": 3.0}) == {"a": 1.0}
+    with pytest.raises(ValueError, match=r"\['b'\] have no rows"):
+        mix_rates({"a": 5, "b": 0}, {"a": 1.0, "b": 1.0})
+    assert copies("x", 1.0, 0, "a") == 1 and copies("x", 3.0, 5, "a") == 3
+
+
+def test_mixing_is_deterministic_weighted_and_keeps_ids_unique():
+    tables = {"captions": _table("captions", 200), "qa": _table("qa", 1400)}
+    mixed, sizes, rates = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=1)
+    again, _, _ = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=1)
+    other, _, _ = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=2)
+    assert mixed.schema.equals(SOURCE_SCHEMA)
+    assert mixed["id"].to_pylist() == again["id"].to_pylist() != other["id"].to_pylist()
+    ids = mixed["id"].to_pylist()
+    assert len(set(ids)) == len(ids)  # repeats carry #k suffixes
+    share = sum(s == "captions" for s in mixed["source"].to_pylist()) / len(ids)
+    assert abs(len(ids) - 1600) < 80 and 0.26 < share < 0.34
+    assert any(i.endswith("#2") for i in ids if i.startswith("captions"))
+    # the order is interleaved, not source after source
+    first = [s for s in mixed["source"].to_pylist()[:100]]
+    assert 10 < first.count("captions") < 50
+
+
+def test_sources_normalise_llava_and_rlaif_records(tmp_path):
+    rec = llava_record({"id": 7, "image": "a/b.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}, {"from": "robot", "value": "?"}]},
+        source="s", index=0, image_root=str(tmp_path))
+    assert rec["id"] == "7" and rec["image_path"] == str(tmp_path / "a/b.jpg")
+    assert [m["role"] for m in rec["messages"]] == ["user", "assistant", "robot"]  # kept for preprocessing to reject
+    pref = preference_record({"image": {"bytes": b"png", "path": None}, "question": "Describe.", "chosen": "c",
+                              "rejected": "r", "idx": 3}, source="p", index=0, image_root=None)
+    assert pref["image"] == b"png" and pref["messages"][0]["content"] == "<image>\nDescribe."
+    assert pref["chosen"] == "c" and pref["rejected"] == "r" and pref["id"] == "3"
+    assert records_table([rec, pref]).num_rows == 2
+
+
+def test_shapes_sources_filter_tasks(shapes_world):
+    recipe = load_recipe("datasets/shapes.yaml")
+    d2d = recipe.stages["d2d"]
+    tables = {s.name: load_source(s, {"world": str(shapes_world)}) for s in d2d.sources}
+    assert set(tables["shapes-captions"]["task"].to_pylist()) == {"caption"}
+    assert set(tables["shapes-qa"]["task"].to_pylist()) <= {"vqa", "pope"}
+    pref = load_source(recipe.stages["preference"].sources[0], {"world": str(shapes_world)})
+    assert set(pref["task"].to_pylist()) == {"preference"} and all(pref["chosen"].to_pylist())
+    with pytest.raises(ValueError, match=r"\$\{world\} is not set"):
+        load_source(d2d.sources[0], {})
