@@ -98,7 +98,9 @@ def response_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int
     conversation up to and including that turn stops; that needs a prefix-stable template (every
     common chat template is).
     """
-    render = lambda ms, gen=False: tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    def render(ms, gen=False):
+        return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
     text = render(messages)
     spans = []
     for i, m in enumerate(messages):
@@ -232,7 +234,7 @@ class Preprocessor:
             try:
                 rows.append(preprocess_record(rec, self.processor, image_seq_length=self.image_seq_length,
                                               max_length=self.config.max_length, preference=self.config.preference))
-            except Exception as e:  # noqa: BLE001 - per row: the row is rejected and counted, the pipeline goes on
+            except Exception as e:  # per row: the row is rejected and counted, the pipeline goes on
                 rejects.append(reject(rec.get("id"), rec.get("source"), e))
         return rows, rejects
 

@@ -4,7 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from actors.cache import CacheKey, CacheMismatchError, CacheMissError, TeacherCache, content_hash
+from actors.cache import (
+    CacheKey,
+    CacheMismatchError,
+    CacheMissError,
+    TeacherCache,
+    content_hash,
+)
 from actors.rejects import balance_problems
 
 

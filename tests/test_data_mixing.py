@@ -1,10 +1,15 @@
 """Source mixing: weights per stage, deterministic for a seed, unique ids."""
-import pyarrow as pa
 import pytest
 
 from actors.mixing import copies, mix_rates, mix_sources
 from actors.recipe import load_recipe
-from actors.sources import SOURCE_SCHEMA, llava_record, load_source, preference_record, records_table
+from actors.sources import (
+    SOURCE_SCHEMA,
+    llava_record,
+    load_source,
+    preference_record,
+    records_table,
+)
 
 
 def _table(name, n):
@@ -23,6 +28,7 @@ def test_rates_give_each_source_its_weight_of_the_epoch():
 def test_mixing_is_deterministic_weighted_and_keeps_ids_unique():
     tables = {"captions": _table("captions", 200), "qa": _table("qa", 1400)}
     mixed, sizes, rates = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=1)
+    assert sizes == {"captions": 200, "qa": 1400} and rates["captions"] == pytest.approx(2.4)
     again, _, _ = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=1)
     other, _, _ = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=2)
     assert mixed.schema.equals(SOURCE_SCHEMA)

@@ -11,7 +11,12 @@ from PIL import Image
 from actors import columns as C
 from actors.annotate import annotation_plan, row_positions
 from actors.collate import pad_collate
-from actors.preprocess import ProcessorSpec, encode_conversation, image_seq_length_of, preprocess_record
+from actors.preprocess import (
+    ProcessorSpec,
+    encode_conversation,
+    image_seq_length_of,
+    preprocess_record,
+)
 from actors.recipe import load_recipe
 from actors.rejects import RowReject
 from student.losses.positions import select_mask
