@@ -4,6 +4,8 @@ metrics    pure scoring functions (exact match, POPE confusion, Resp/Ment halluc
 data       evaluation records from DIR/<split>/part-*.parquet
 decode     batched greedy decoding with left padding and the KV cache (model.generate)
 evaluate   evaluate(model, processor, records) -> dict; checkpoint and run-directory helpers
+lmms       lmms-eval model `mod_distill` (extra `eval`, own venv); lmms_tasks: the world as lmms-eval
+           tasks; lmms_run: `python -m student.eval.lmms_run` (docs/evaluation.md)
 CLI        python -m student.eval --model PATH --data DIR
 """
 from student.eval.data import EVAL_TASKS, load_split, select_records

@@ -67,18 +67,28 @@ def build_prompt(processor, turns: list[dict]) -> str:
     return tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
-def decode_image(data: bytes, record_id: str) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception as e:  # PIL raises several types for bad bytes
-        raise ValueError(f"record {record_id!r}: field 'image' is not a readable image ({e})") from e
+def decode_image(data, record_id: str) -> list[Image.Image]:
+    """A record's image(s) as RGB PIL images: encoded bytes (the record schema), a PIL image, or a list
+    of either (one per <image> in the prompt, for multi-image benchmarks through lmms-eval)."""
+    items = data if isinstance(data, (list, tuple)) else [data]
+    out = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+            continue
+        try:
+            out.append(Image.open(io.BytesIO(item)).convert("RGB"))
+        except Exception as e:  # PIL raises several types for bad bytes
+            raise ValueError(f"record {record_id!r}: field 'image' is not a readable image ({e})") from e
+    return out
 
 
 def _batches(records: list[dict], cfg: DecodeConfig):
-    """Index batches grouped by token budget, longest prompts first (less padding, early OOM)."""
+    """Index batches grouped by token budget (a record's own `max_new_tokens`, else its task's), longest
+    prompts first (less padding, early OOM)."""
     groups: dict[int, list[int]] = {}
     for i, r in enumerate(records):
-        groups.setdefault(cfg.budget(r["task"]), []).append(i)
+        groups.setdefault(int(r.get("max_new_tokens") or cfg.budget(r["task"])), []).append(i)
     for budget, idx in sorted(groups.items(), reverse=True):
         idx.sort(key=lambda i: -sum(len(m["content"]) for m in records[i]["messages"]))
         for s in range(0, len(idx), cfg.batch_size):
@@ -104,7 +114,7 @@ def greedy_decode(model, processor, records: list[dict], cfg: DecodeConfig = Dec
     bar = tqdm(total=len(records), desc="eval", unit="rec", disable=not progress, dynamic_ncols=True)
     try:
         for budget, idx in _batches(records, cfg):
-            images = [decode_image(records[i]["image"], records[i]["id"]) for i in idx]
+            images = [im for i in idx for im in decode_image(records[i]["image"], records[i]["id"])]
             batch = processor(images=images, text=[prompts[i] for i in idx], return_tensors="pt", padding=True)
             batch = {k: (v.to(device, float_dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
             out = model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=budget,
