@@ -22,6 +22,7 @@ def test_every_arm_resolves_and_varies_only_what_the_paper_varies():
     assert (sft.stages["d2s"].loss.kd, sft.stages["d2s"].loss.ce) == (0.0, 1.0)
     assert (kd.stages["d2s"].loss.kd, kd.stages["d2s"].loss.ce) == (1.0, 1.0)
     assert (kd.model.num_experts, kd.model.top_k) == (4, 2)
+    assert all(a.skip == ("d2d",) for a in ABLATIONS["mod-kd-vs-sft"].arms)  # d2d is KL-only: no SFT version
     both, resp = (arm_recipe(BASE, a) for a in ABLATIONS["mod-distill-tokens"].arms)
     assert both.stages["d2d"].loss.kd_positions == "response+instruction" == both.stages["d2s"].loss.kd_positions
     assert resp.stages["d2s"].loss.kd_positions == "response"
@@ -53,9 +54,11 @@ def test_plan_shares_identical_runs_and_keeps_arms_apart(tmp_path):
     assert {s.stage for s in evals if s.arm == "mimic"} == {"d2s"}
     train = [s for s in steps if s.kind == "train"]
     assert all(s.argv[s.argv.index("--max-steps") + 1] == "5" for s in train)
-    # the default arm of two ablations is the same run; a changed loss is another
+    # the default arm of two ablations is the same run; a changed loss or a skipped stage is another
+    tokens = {s.arm: s.run_dir for s in plan(ABLATIONS["mod-distill-tokens"], cfg) if s.kind == "eval" and s.seed == 0}
+    assert tokens["response"] == runs[("mimic", 0)] != tokens["response+instruction"]
     kd = {s.arm: s.run_dir for s in plan(ABLATIONS["mod-kd-vs-sft"], cfg) if s.kind == "eval" and s.seed == 0}
-    assert kd["KD"] == runs[("mimic", 0)] and kd["SFT"] != kd["KD"]
+    assert kd["SFT"] != kd["KD"] != runs[("mimic", 0)]
     kd_stages = {s.arm: s.run_dir for s in plan(ABLATIONS["kd-stages"], cfg) if s.kind == "eval" and s.seed == 0}
     assert kd_stages["DPT+SFT"] == kd_stages["DPT+SFT+DFT"] != kd_stages["DPT+DFT"]
     assert not any(p.exists() for p in tmp_path.iterdir())  # planning writes nothing
