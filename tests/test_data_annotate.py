@@ -131,6 +131,16 @@ def test_annotation_cache_and_feeding(teacher, recipe, shapes_world, tmp_path):
     second = stats["passes"][-1]  # closed by rank 0 when its shard ended
     assert second["cache_hits"] == 12 and second["teacher_rows"] == 0 and not second["problems"]
 
+    # Hybrid: four more rows -> 12 hits from the cache, 4 misses to the teacher (and into the cache).
+    spec = recipe.stages["dft"]
+    more = dataclasses.replace(recipe, stages={"dft": dataclasses.replace(
+        spec, sources=(dataclasses.replace(spec.sources[0], max_rows=16),))})
+    before = client.server_stats()["requests"]
+    grown = _build(more, "dft", shapes_world, cache)
+    assert len(grown.dataset.take_all()) == 16
+    third = grown.close_pass()
+    assert (third["cache_hits"], third["teacher_rows"]) == (12, 4) and client.server_stats()["requests"] - before == 4
+
     # A cache written for another k, or another teacher, is refused before any work.
     with pytest.raises(CacheMismatchError, match=rf"top_k: cache has {TOP_K}, this run has 8"):
         _build(recipe, "dft", shapes_world, cache, top_k=8)
