@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="the app's batch_wait_timeout_s, in ms")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the replicas and of this process")
     a = ap.parse_args()
 
@@ -65,7 +66,7 @@ def main() -> None:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
     common = dict(model=str(model), device="cpu", dtype="float32", torch_threads=a.threads, num_cpus=a.threads,
                   max_ongoing_requests=64)
-    deploy(ServiceConfig(name="bench-batched", **common))
+    deploy(ServiceConfig(name="bench-batched", batch_wait_timeout_s=a.batch_wait_ms / 1000, **common))
     deploy(ServiceConfig(name="bench-unbatched", max_batch_tokens=longest, limits=Limits(max_tokens=longest), **common))
     clients = {"batched": TeacherClient("bench-batched"), "unbatched": TeacherClient("bench-unbatched")}
 
@@ -102,6 +103,7 @@ def main() -> None:
         "top_k": a.top_k,
         "rounds": a.rounds,
         "torch_threads": a.threads,
+        "batch_wait_ms": a.batch_wait_ms,
         "batched_round_s": round(med["batched"], 4),
         "unbatched_round_s": round(med["unbatched"], 4),
         "in_process_round_s": round(med["in_process"], 4),

@@ -29,6 +29,7 @@ import numpy as np
 from ray import serve
 
 from teacher_service.backends import create_backend
+from teacher_service.errors import TeacherError, TeacherInternalError, TeacherRequestError
 from teacher_service.protocol import Limits, ScoreRequest, ScoreResponse, TeacherInfo, make_request, validate
 
 __all__ = [
@@ -165,6 +166,16 @@ class TeacherDeployment:
             self._stats["rejected"] += 1
             raise
         return await self.score_batch(request)
+
+    async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse | TeacherError]:
+        """Many requests in one call: one round trip instead of one per request, and they all reach
+        the batch queue together. Per-request outcome: its response, or its error (returned, not
+        raised, so one bad request does not void the others)."""
+        n = len(requests) if isinstance(requests, list) else -1
+        if not 0 <= n <= self.limits.max_requests_per_call:
+            raise TeacherRequestError("requests", f"expected a list of at most {self.limits.max_requests_per_call} requests, got {n if n >= 0 else type(requests).__name__}")
+        out = await asyncio.gather(*(self(r) for r in requests), return_exceptions=True)
+        return [x if isinstance(x, ScoreResponse | TeacherError) else TeacherInternalError(f"{type(x).__name__}: {x}") for x in out]
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.01, batch_size_fn=padded_tokens)
     async def score_batch(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:

@@ -60,6 +60,7 @@ class Limits:
     max_image_bytes: int = 8 << 20  # one encoded image
     max_image_pixels: int = 4096 * 4096  # decoded width x height (decompression bombs)
     max_top_k: int = 1024
+    max_requests_per_call: int = 64  # one `score_many` handle call carries at most this many requests
 
     def __post_init__(self) -> None:
         for f in fields(self):
