@@ -47,6 +47,11 @@ def test_plan_shares_identical_runs_and_keeps_arms_apart(tmp_path):
     cfg = AblationConfig(out=tmp_path, seeds=(0, 1, 2), max_steps=5)
     steps = plan(ABLATIONS["mod-preference"], cfg)
     assert steps[0].kind == "teacher" and "--max-steps" not in steps[0].argv
+    last = steps[-1]  # the teacher's reference score, on the teacher run's world
+    assert (last.kind, last.arm, last.run_dir, last.data_dir) == ("eval", "", tmp_path / "teacher",
+                                                                   tmp_path / "teacher" / "world")
+    given = plan(ABLATIONS["mod-preference"], AblationConfig(out=tmp_path, teacher=tmp_path / "t"))
+    assert given[0].kind == "train" and "--teacher" in given[0].argv and given[-1].data_dir.parent == given[0].run_dir
     evals = [s for s in steps if s.kind == "eval" and s.arm]
     assert len(evals) == 6  # 2 arms x 3 seeds
     runs = {(s.arm, s.seed): s.run_dir for s in evals}

@@ -75,7 +75,7 @@ def verdict(agg: dict[str, dict[str, dict]], better: str, worse: str, metric: st
     a, b = agg.get(better, {}).get(metric), agg.get(worse, {}).get(metric)
     if not a or not b or a["mean"] is None or b["mean"] is None:
         return {"claim": f"{better} vs {worse} on {metric}", "result": "not measured"}
-    d = (a["mean"] - b["mean"]) * (-1 if lower_is_better else 1)
+    d = (a["mean"] - b["mean"]) * (-1 if lower_is_better else 1) + 0.0  # + 0.0: no "-0.0"
     if a["std"] is None or b["std"] is None:
         result, se = "within seed noise (fewer than 2 seeds)", None
     else:

@@ -57,6 +57,7 @@ class Step:
     arm: str = ""
     seed: int = 0
     argv: tuple[str, ...] = ()
+    data_dir: Path | None = None  # eval: the world to score on (default RUN/world)
 
     def done(self) -> bool:
         if self.kind == "eval":
@@ -94,7 +95,6 @@ def plan(ablation: Ablation, cfg: AblationConfig) -> list[Step]:
     if cfg.teacher is None:
         steps.append(Step("teacher", teacher_run, "teacher",
                           argv=_train_argv(cfg, "teacher", teacher_run, cfg.recipe, None, cfg.teacher_steps)))
-        steps.append(Step("eval", teacher_run, "teacher"))
     for arm in ablation.arms:
         recipe = arm_recipe(base, arm)
         if recipe.world != base.world:
@@ -109,6 +109,11 @@ def plan(ablation: Ablation, cfg: AblationConfig) -> list[Step]:
                     steps.append(Step("train", run, stage, arm.name, seed, _train_argv(
                         cfg, stage, run, run / "recipe.yaml", teacher_path(cfg), cfg.max_steps)))
             steps.append(Step("eval", run, arm.evaluated_stage, arm.name, seed))
+    # The teacher's own score, the table's reference row: on its world, or (a given teacher) on the
+    # first student run's world, which is the same recipe world.
+    first_run = next(s.run_dir for s in steps if s.kind == "eval")
+    world = teacher_run / "world" if cfg.teacher is None else first_run / "world"
+    steps.append(Step("eval", teacher_run, "teacher", data_dir=world))
     return steps
 
 
@@ -160,8 +165,8 @@ def execute(ablation: Ablation, cfg: AblationConfig, echo=print) -> None:
         else:
             evaluate_stage(step.run_dir, step.stage, "teacher" if step.arm == "" else "student",
                            model_path=teacher_path(cfg) if step.arm == "" else None,
-                           data_dir=step.run_dir / "world", limit=cfg.eval_limit, decode=DecodeConfig(),
-                           progress=False)
+                           data_dir=step.data_dir or step.run_dir / "world", limit=cfg.eval_limit,
+                           decode=DecodeConfig(), progress=False)
 
 
 def collect(ablation: Ablation, cfg: AblationConfig) -> tuple[list[dict], dict | None]:

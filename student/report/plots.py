@@ -70,9 +70,10 @@ def plot_total_loss(stages: list[str], by_stage: dict[str, list[dict]], out: Pat
         x, y = _series(by_stage[stage], "loss/total")
         if not x:
             continue
-        ax.plot([offset + s for s in x], y, label=stage)
+        start = min(x)
+        ax.plot([offset + s - start for s in x], y, label=stage)
         ax.axvline(offset, color="grey", alpha=0.3, linewidth=0.8)
-        offset += max(x) + 1
+        offset += max(x) - start + 1
         drawn = True
     if not drawn:
         plt.close(fig)
