@@ -103,8 +103,9 @@ def make_data_fn(data: str | None, teacher: str | None, teacher_cache: Path):
               help="Already-annotated rows (actors.columns) as Parquet: DIR/<stage>/ or DIR; skips the data plane.")
 @click.option("--gpu", is_flag=True, help="Train on GPUs (bf16); default CPU (fp32).")
 @click.option("--no-progress", is_flag=True, help="No tqdm bars (metrics still go to RUN/metrics.jsonl).")
+@click.option("--prepare-only", is_flag=True, help="Prepare the run directory (config, world, models.json) and stop.")
 def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_steps, checkpoint_every, resume,
-         max_failures, teacher, teacher_cache, data, gpu, no_progress):
+         max_failures, teacher, teacher_cache, data, gpu, no_progress, prepare_only):
     """Distil a multimodal teacher into a sparse-MoE student, stage by stage."""
     from student.training.data import DataPlaneUnavailable
     from student.training.pipeline import TrainOptions, run_stages
@@ -143,6 +144,9 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
             for name, rep in models.items():
                 click.echo(f"  {name:<14} total {rep['total']:>10,}  active {rep['active']:>10,}  "
                            f"experts {rep['num_experts']}x top-{rep['top_k']} on layers {rep['moe_layers']}")
+    if prepare_only:
+        click.echo(f"prepared in {time.perf_counter() - start:.1f}s (--prepare-only)")
+        return
     address = ensure_ray()
     click.echo(f"ray: {address}; stages: {' -> '.join(stages)}")
     options = TrainOptions(workers=worker_spec, zero_stage=zero_stage, max_steps=max_steps,

@@ -107,10 +107,11 @@ def tiny_recipe(batch_size: int = 4, max_steps: dict | None = None):
 STAGE_TASKS = {"preference": ("preference",), "init": ("caption",), "dpt": ("caption",)}
 
 
-def prepare_run(run_dir, stages, rows_per_stage: int = 4, copies: int | dict = 1):
-    """A run directory with a generated world, a tiny teacher at RUN/teacher and annotated Parquet rows
-    for each stage at RUN/data/<stage>: `rows_per_stage` distinct rows, each repeated `copies` times
-    under ids "<id>#<copy>" (a repeated batch within one epoch, so a test pays one epoch start-up)."""
+def prepare_run(run_dir, stages, rows_per_stage: int = 4, copies: int | dict = 1, parquet: bool = False) -> tuple:
+    """(run dir, {stage: rows}): a run directory with a generated world and a tiny teacher at
+    RUN/teacher, and annotated rows per stage: `rows_per_stage` distinct rows, each repeated `copies`
+    times under ids "<id>#<copy>" (a repeated batch within one epoch, so a test pays one epoch
+    start-up). parquet=True also writes them to RUN/data/<stage> (what `--data` reads)."""
     from pathlib import Path
 
     from actors.shapes.generate import GenerateConfig, generate_world
@@ -124,21 +125,20 @@ def prepare_run(run_dir, stages, rows_per_stage: int = 4, copies: int | dict = 1
     processor = build_processor(tok)
     teacher = build_teacher(get_preset("tiny"), tok, seed=1)
     export(teacher, processor, run / "teacher")
+    data = {}
     for stage in stages:
         tasks = STAGE_TASKS.get(stage, ("caption", "vqa", "pope"))
         rows = annotated_rows(run / "world", processor, teacher, tasks, rows_per_stage)
         n = copies.get(stage, 1) if isinstance(copies, dict) else copies
-        rows = [{**r, "id": f"{r['id']}#{c}"} for c in range(n) for r in rows]
-        write_annotated_parquet(rows, run / "data" / stage)
-    return run
+        data[stage] = [{**r, "id": f"{r['id']}#{c}"} for c in range(n) for r in rows]
+        if parquet:
+            write_annotated_parquet(data[stage], run / "data" / stage)
+    return run, data
 
 
-def in_memory(path):
-    """(Ray Dataset, rows) of annotated Parquet read in the driver: no read tasks to start (the tests
-    pay Ray's per-stage start-up once per stage already; student.training.data.annotated_parquet is the
-    CLI's path)."""
-    import pyarrow.parquet as pq
+def in_memory(rows: list[dict]):
+    """(Ray Dataset, rows) from rows held by the driver: no read tasks to start (the tests pay Ray's
+    per-stage start-up once per stage already; `--data` reads Parquet through annotated_parquet)."""
     import ray.data
 
-    table = pq.read_table(str(path))
-    return ray.data.from_arrow(table), table.num_rows
+    return ray.data.from_items(rows), len(rows)

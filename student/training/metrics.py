@@ -93,7 +93,9 @@ def format_summary(stage: str, s: dict) -> str:
     lines = [
         f"stage {stage}: {s['steps']} steps (last step {s['last_step']}) in {s['wall_s']:.1f}s; "
         f"step {s['step_time_s'] * 1000:.0f} ms (first {s['first_step_time_s'] * 1000:.0f} ms), "
-        f"{s['tokens_per_s']:.0f} tokens/s, waiting on data/teacher {s['teacher_wait_s']:.1f}s",
+        f"{s['tokens_per_s']:.0f} tokens/s, waiting on data/teacher {s['teacher_wait_s']:.1f}s"
+        + (f"; worker set-up {s['setup_s']:.1f}s" if "setup_s" in s else "")
+        + (f"; fit {s['fit_s']:.1f}s" if "fit_s" in s else ""),
         f"  {'metric':<22}{'first 10%':>12}{'last 10%':>12}",
     ]
     for k, v in s["terms"].items():

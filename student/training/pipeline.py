@@ -7,6 +7,7 @@ LLaVA-MoD, dft for LLaVA-KD) the student is exported to RUN/student/.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,7 +48,8 @@ def export_student(run_dir: Path, stage: str) -> Path:
     return export(model, processor, Path(run_dir) / "student")
 
 
-# (recipe, stage, run_dir) -> (Ray Dataset of annotated rows, rows per epoch)
+# (recipe, stage, run_dir) -> (Ray Dataset of annotated rows, rows per epoch), or an actors.pipeline.StageData
+# (which unpacks to the same pair and carries the pass ledger)
 DataFn = Callable[[Recipe, str, Path], tuple]
 
 
@@ -66,15 +68,23 @@ def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: 
         if options.resume and done and (stage_output_dir(run_dir, stage) / "config.json").exists():
             echo(f"stage {stage}: already finished in {run_dir}, skipped (--resume)")
             continue
-        dataset, rows = data_fn(recipe, stage, run_dir)
+        data = data_fn(recipe, stage, run_dir)
+        dataset, rows = data
+        ledger = getattr(data, "ledger", None)  # actors.pipeline.StageData: the pass ledger
         job = StageJob(stage=stage, run_dir=str(run_dir), recipe=recipe, rows=rows, zero_stage=options.zero_stage,
                        max_steps=options.max_steps, checkpoint_every=options.checkpoint_every,
                        use_gpu=options.use_gpu, progress=options.progress)
         echo(f"stage {stage}: {rows} rows per epoch, {options.workers.min}"
              f"{'' if not options.workers.elastic else f'-{options.workers.max}'} workers, ZeRO-{options.zero_stage}")
-        run_stage(job, dataset, workers=options.workers, max_failures=options.max_failures, resume=options.resume)
+        t0 = time.time()
+        run_stage(job, dataset, workers=options.workers, max_failures=options.max_failures, resume=options.resume,
+                  ledger=ledger)
         summary_path = run_dir / "stages" / stage / "summary.json"
         summaries[stage] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summaries[stage]["fit_s"] = time.time() - t0
+        if "entered_at" in summaries[stage]:  # Ray Train's own overheads around the worker loop
+            summaries[stage]["start_overhead_s"] = summaries[stage]["entered_at"] - t0
+            summaries[stage]["end_overhead_s"] = time.time() - summaries[stage]["finished_at"]
         echo(format_summary(stage, summaries[stage]))
         echo(f"stage {stage}: checkpoint {stage_output_dir(run_dir, stage)}")
         if stage in FINAL_STAGES:

@@ -84,7 +84,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
 
 
 def run_stage(job: StageJob, dataset, *, workers: Workers = Workers(2, 2), max_failures: int = 1,
-              resume: bool = False, run_name: str | None = None):
+              resume: bool = False, run_name: str | None = None, ledger=None):
     """Train one stage on `dataset` (a Ray Dataset of annotated rows); returns Ray's Result.
 
     The stage's HF checkpoint is at `stage_output_dir(run_dir, stage)` when this returns.
@@ -98,7 +98,7 @@ def run_stage(job: StageJob, dataset, *, workers: Workers = Workers(2, 2), max_f
     name = run_name or stage_run_name(run_dir, job.stage, resume)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "ledger": ledger},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers.scaling(), use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": 1, **({"GPU": 1} if job.use_gpu else {})}),

@@ -119,14 +119,26 @@ def _export(engine, processor, out_dir: Path, rank: int, zero_stage: int) -> Non
         dist.barrier()
 
 
+def _close_pass(ledger, rank: int, complete: bool) -> None:
+    """Rank 0 closes the data plane's pass on its ledger (balance and reject-rate checks raise here).
+    A pass the trainer stopped early, or resumed in the middle, is not complete."""
+    if ledger is not None and rank == 0:
+        from actors.rejects import close_pass
+
+        close_pass(ledger, complete)
+
+
 def train_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker; config = {"job": StageJob}."""
+    """Ray Train's train_loop_per_worker; config = {"job": StageJob, "ledger": the data plane's
+    DataLedger handle or None}."""
     import deepspeed
     import ray.train
 
     from student.model import RouterRecorder, apply_trainable, is_moe
 
+    t_enter = time.time()
     job: StageJob = config["job"]
+    ledger = config.get("ledger")
     spec = job.spec
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -168,11 +180,13 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     device = engine.device
     t_stage = time.time()
+    setup_s = t_stage - t_enter  # model build, deepspeed.initialize, checkpoint restore
     last_loss = float("nan")
     while state.step < steps:
         batches = shard.iter_batches(batch_size=micro, batch_format="numpy",
                                      local_shuffle_buffer_size=job.shuffle_buffer or None,
                                      local_shuffle_seed=job.seed * 1000 + state.epoch if job.shuffle_buffer else None)
+        resumed_pass = bool(state.consumed)
         stream = fresh_batches(batches, state.consumed, micro)
         stepped = False
         while state.step < steps:
@@ -201,7 +215,9 @@ def train_loop(config: dict) -> None:
                 save_checkpoint(engine, state, rank, {"loss": last_loss})
                 saved_step = state.step
         else:
+            _close_pass(ledger, rank, complete=False)  # stopped at the step budget, mid-pass
             break
+        _close_pass(ledger, rank, complete=not resumed_pass)
         if not stepped:
             raise RuntimeError(f"stage {job.stage!r}: epoch {state.epoch} produced no batch on some rank "
                                f"(empty dataset, or fewer rows than workers?)")
@@ -219,7 +235,7 @@ def train_loop(config: dict) -> None:
         import json
 
         summary = summarize(logger.records, wall)
-        summary.update(world_size=world, micro_batch=micro, zero_stage=job.zero_stage, total_steps=steps,
+        summary.update(setup_s=setup_s, entered_at=t_enter, finished_at=time.time(), world_size=world, micro_batch=micro, zero_stage=job.zero_stage, total_steps=steps,
                        resumed_weights_only=weights_only, output=str(out))
         (run_dir / "stages" / job.stage).mkdir(parents=True, exist_ok=True)
         (run_dir / "stages" / job.stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
