@@ -103,9 +103,12 @@ def make_data_fn(data: str | None, teacher: str | None, teacher_cache: Path):
               help="Already-annotated rows (actors.columns) as Parquet: DIR/<stage>/ or DIR; skips the data plane.")
 @click.option("--gpu", is_flag=True, help="Train on GPUs (bf16); default CPU (fp32).")
 @click.option("--no-progress", is_flag=True, help="No tqdm bars (metrics still go to RUN/metrics.jsonl).")
+@click.option("--no-eval", is_flag=True, help="Skip the evaluation after each stage and the run report.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=900, show_default=True,
+              help="Test records per evaluation (the shapes world's test split).")
 @click.option("--prepare-only", is_flag=True, help="Prepare the run directory (config, world, models.json) and stop.")
 def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_steps, checkpoint_every, resume,
-         max_failures, teacher, teacher_cache, data, gpu, no_progress, prepare_only):
+         max_failures, teacher, teacher_cache, data, gpu, no_progress, no_eval, eval_limit, prepare_only):
     """Distil a multimodal teacher into a sparse-MoE student, stage by stage."""
     from student.training.data import DataPlaneUnavailable
     from student.training.pipeline import TrainOptions, run_stages
@@ -151,7 +154,7 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
     click.echo(f"ray: {address}; stages: {' -> '.join(stages)}")
     options = TrainOptions(workers=worker_spec, zero_stage=zero_stage, max_steps=max_steps,
                            checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures,
-                           use_gpu=gpu, progress=not no_progress)
+                           use_gpu=gpu, progress=not no_progress, evaluate=not no_eval, eval_limit=eval_limit)
     cache = Path(teacher_cache) if teacher_cache else run / "teacher_cache"
     try:
         run_stages(stages, run, recipe, make_data_fn(data, teacher, cache), options, echo=click.echo)
@@ -160,6 +163,8 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
         click.echo(f"prepared in {time.perf_counter() - start:.1f}s", err=True)
         sys.exit(3)
     click.echo(f"done in {time.perf_counter() - start:.1f}s; metrics: {run / 'metrics.jsonl'}, TensorBoard: {run / 'tb'}")
+    if (run / "report.md").exists():
+        click.echo(f"report: {run / 'report.md'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -240,6 +240,8 @@ def build_app(cfg: ServiceConfig, cluster_resources: dict | None = None):
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         health_check_period_s=cfg.health_check_period_s,
+        # one access-log line per request drowns a training run's console; errors still log
+        logging_config={"enable_access_log": False},
     )
     if cfg.autoscale is not None:
         lo, hi = cfg.autoscale

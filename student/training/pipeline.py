@@ -34,6 +34,8 @@ class TrainOptions:
     max_failures: int = 1
     use_gpu: bool = False
     progress: bool = True
+    evaluate: bool = False  # evaluate after every stage (RUN/eval/) and write RUN/report.md at the end
+    eval_limit: int | None = 900  # test records per evaluation (900 = 100 images, every task type)
 
 
 def export_student(run_dir: Path, stage: str) -> Path:
@@ -89,4 +91,26 @@ def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: 
         echo(f"stage {stage}: checkpoint {stage_output_dir(run_dir, stage)}")
         if stage in FINAL_STAGES:
             echo(f"final student: {export_student(run_dir, stage)}")
+        if options.evaluate and recipe.world is not None:
+            evaluate_after(run_dir, recipe, stage, options, echo)
+    if options.evaluate and summaries:
+        from student.report import build_report
+
+        echo(f"report: {build_report(run_dir)}")
     return summaries
+
+
+def evaluate_after(run_dir: Path, recipe: Recipe, stage: str, options: TrainOptions, echo=print) -> None:
+    """Score the stage's model on the world's test split (and the teacher once), as the report's tables need."""
+    from student.eval.evaluate import evaluate_stage
+    from student.training.stage_model import teacher_dir
+
+    jobs = []
+    tdir = teacher_dir(run_dir, recipe)
+    if not (run_dir / "eval" / "teacher_teacher.json").exists() and (tdir / "config.json").exists():
+        jobs.append(("teacher", "teacher", tdir))
+    if stage != "teacher":
+        jobs.append((stage, "student", stage_output_dir(run_dir, stage)))
+    for st, who, path in jobs:
+        out = evaluate_stage(run_dir, st, who, model_path=path, limit=options.eval_limit, progress=options.progress)
+        echo(f"eval {who} after {st}: {out}")

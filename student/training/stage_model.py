@@ -1,6 +1,7 @@
 """Where each stage starts from, and where it writes its result, in the run directory.
 
-    teacher      a fresh teacher of the preset                         -> RUN/teacher/
+    teacher      RUN/stages/teacher/init (fresh teacher, vision tower
+                 pretrained on per-cell labels: teacher_init), else fresh -> RUN/teacher/
     init, dpt    a fresh student + the teacher's vision tower          -> RUN/stages/<stage>/hf/
                  (or assemble_student(vision_tower, student_llm) when the recipe names real checkpoints)
     d2d          RUN/stages/init/hf                                    -> RUN/stages/d2d/hf/
@@ -85,6 +86,11 @@ def stage_start_model(stage: str, run_dir: Path, recipe: Recipe):
             model = upcycle(model, m.num_experts, m.top_k, layers=m.moe_layers, seed=recipe.seed)
         return model, processor
     if stage == "teacher":
+        from student.training.teacher_init import teacher_init_dir
+
+        init = teacher_init_dir(run_dir)
+        if (init / "config.json").exists():  # the vision tower pretrained by the driver (embedded world)
+            return load_model(init), AutoProcessor.from_pretrained(str(init), local_files_only=True)
         tok = _world_tokenizer(run_dir)
         processor = build_processor(tok, preset.vision.image_size, preset.vision.patch_size)
         return build_teacher(preset, tok, seed=recipe.seed), processor
