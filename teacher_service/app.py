@@ -276,7 +276,7 @@ def _start_serve(http) -> None:
         return
     cur = client.http_config
     location = str(getattr(cur.location, "value", cur.location))
-    if location in ("Disabled", "NoServer") or (cur.host, cur.port) != (http.host, http.port):
+    if location not in ("HeadOnly", "EveryNode") or (cur.host, cur.port) != (http.host, http.port):
         raise RuntimeError(
             f"Serve already runs on this cluster with proxy {location} at {cur.host}:{cur.port}; the HTTP ingress "
             f"needs a proxy at {http.host}:{http.port}. Deploy without HTTP, use that host/port, or restart Serve "

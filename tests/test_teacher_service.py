@@ -61,7 +61,7 @@ def service(ray_cluster, teacher):
 
     try:  # the HTTP ingress needs a proxy, chosen when Serve starts: restart a proxy-less Serve
         running = _get_global_client()
-        if str(getattr(running.http_config.location, "value", running.http_config.location)) in ("Disabled", "NoServer"):
+        if str(getattr(running.http_config.location, "value", running.http_config.location)) not in ("HeadOnly", "EveryNode"):
             serve.shutdown()
     except Exception:
         pass

@@ -95,9 +95,14 @@ def _existing_run(tmp: Path) -> tuple[Path, Path]:
 def _submit(url: str, env: dict, args: list[str], *, wait: bool, sid: str) -> subprocess.CompletedProcess:
     cmd = (f"cd {REPO} && OMP_NUM_THREADS=1 {sys.executable} -m student.train --stage preference --no-progress "
            + " ".join(args))
-    return subprocess.run([RAY, "job", "submit", "--address", url, "--submission-id", sid,
-                           *([] if wait else ["--no-wait"]), "--", "bash", "-c", cmd],
-                          env=env, capture_output=True, text=True, timeout=540)
+    deadline = time.time() + 120
+    while True:  # `ray job list` answers before the head's job agent is up: retry the submit until it is
+        out = subprocess.run([RAY, "job", "submit", "--address", url, "--submission-id", sid,
+                              *([] if wait else ["--no-wait"]), "--", "bash", "-c", cmd],
+                             env=env, capture_output=True, text=True, timeout=540)
+        if out.returncode == 0 or "No available agent" not in out.stderr or time.time() > deadline:
+            return out
+        time.sleep(3)
 
 
 def _registered(run: Path) -> int:
