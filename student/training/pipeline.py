@@ -70,6 +70,10 @@ def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: 
         if options.resume and done and (stage_output_dir(run_dir, stage) / "config.json").exists():
             echo(f"stage {stage}: already finished in {run_dir}, skipped (--resume)")
             continue
+        if stage == "teacher" and recipe.world is not None:  # the embedded world: pretrain the vision tower first
+            from student.training.teacher_init import prepare_teacher_init
+
+            prepare_teacher_init(run_dir, recipe, echo=echo)
         data = data_fn(recipe, stage, run_dir)
         dataset, rows = data
         ledger = getattr(data, "ledger", None)  # actors.pipeline.StageData: the pass ledger
