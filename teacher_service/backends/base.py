@@ -16,11 +16,13 @@ Contract for a backend class (the registry calls it as `Backend(model, **options
 """
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 
+from teacher_service.errors import TeacherRequestError
 from teacher_service.protocol import Limits, ScoreRequest, ScoreResponse, TeacherInfo
 
-__all__ = ["TeacherBackend"]
+__all__ = ["TeacherBackend", "decode_images"]
 
 
 class TeacherBackend(ABC):
@@ -43,3 +45,24 @@ class TeacherBackend(ABC):
 
     def close(self) -> None:
         """Release the model (called when the replica shuts down)."""
+
+
+def decode_images(request: ScoreRequest, limits: Limits) -> list:
+    """The request's encoded images as RGB PIL images; a corrupt or oversized one raises
+    TeacherRequestError naming it (images[i]), so it fails only its own request. Every backend uses this."""
+    from PIL import Image
+
+    pils = []
+    for i, data in enumerate(request.images):
+        name = f"images[{i}]"
+        try:
+            im = Image.open(io.BytesIO(bytes(data)))
+            w, h = im.size
+            if w * h > limits.max_image_pixels:
+                raise TeacherRequestError(name, f"{w}x{h} pixels exceed the limit of {limits.max_image_pixels}")
+            pils.append(im.convert("RGB"))
+        except TeacherRequestError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever PIL says, it is this image's fault
+            raise TeacherRequestError(name, f"cannot decode image: {type(e).__name__}: {e}") from None
+    return pils

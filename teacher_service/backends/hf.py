@@ -8,7 +8,6 @@ forward's logits.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_service.backends.base import TeacherBackend
-from teacher_service.errors import TeacherRequestError
+from teacher_service.backends.base import TeacherBackend, decode_images
 from teacher_service.identity import model_id as checkpoint_model_id
 from teacher_service.identity import tokenizer_hash
 from teacher_service.protocol import Limits, ScoreRequest, ScoreResponse, TeacherInfo
@@ -107,21 +105,7 @@ class HFBackend(TeacherBackend):
         """Decode encoded images into pixel_values with the teacher's own image processor."""
         if not request.images:
             return request
-        from PIL import Image
-
-        pils = []
-        for i, data in enumerate(request.images):
-            name = f"images[{i}]"
-            try:
-                im = Image.open(io.BytesIO(bytes(data)))
-                w, h = im.size
-                if w * h > limits.max_image_pixels:
-                    raise TeacherRequestError(name, f"{w}x{h} pixels exceed the limit of {limits.max_image_pixels}")
-                pils.append(im.convert("RGB"))
-            except TeacherRequestError:
-                raise
-            except Exception as e:  # noqa: BLE001 - whatever PIL says, it is this image's fault
-                raise TeacherRequestError(name, f"cannot decode image: {type(e).__name__}: {e}") from None
+        pils = decode_images(request, limits)
         pv = self.processor.image_processor(images=pils, return_tensors="np")["pixel_values"]
         return replace(request, images=(), pixel_values=np.ascontiguousarray(pv, dtype=np.float32))
 

@@ -23,7 +23,6 @@ vLLM is imported only when a VLLMBackend is constructed; the pure helpers below 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from teacher_service.backends.base import TeacherBackend
+from teacher_service.backends.base import TeacherBackend, decode_images
 from teacher_service.errors import TeacherRequestError
 from teacher_service.identity import model_id as checkpoint_model_id
 from teacher_service.identity import tokenizer_hash
@@ -277,23 +276,6 @@ def multimodal_available() -> bool:
     return True
 
 
-def _decode_images(request: ScoreRequest, limits: Limits) -> list:
-    from PIL import Image
-
-    pils = []
-    for i, data in enumerate(request.images):
-        name = f"images[{i}]"
-        try:
-            im = Image.open(io.BytesIO(bytes(data)))
-            w, h = im.size
-            if w * h > limits.max_image_pixels:
-                raise TeacherRequestError(name, f"{w}x{h} pixels exceed the limit of {limits.max_image_pixels}")
-            pils.append(im.convert("RGB"))
-        except TeacherRequestError:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever PIL says, it is this image's fault
-            raise TeacherRequestError(name, f"cannot decode image: {type(e).__name__}: {e}") from None
-    return pils
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +423,7 @@ class VLLMBackend(TeacherBackend):
                     "this vllm replica serves the text path only (vLLM's image path needs torchvision, which this "
                     "environment lacks); send text-only requests or use the hf backend",
                 )
-            _decode_images(request, limits)  # a corrupt image fails here, alone
+            decode_images(request, limits)  # a corrupt image fails here, alone
         return request
 
     # -- batched -----------------------------------------------------------------------------
@@ -452,7 +434,7 @@ class VLLMBackend(TeacherBackend):
         ids = np.append(ids, self.info.pad_token_id)  # exposes the row after the last real token
         prompt: dict = {"prompt_token_ids": ids.astype(np.int64).tolist()}
         if r.images:
-            prompt["multi_modal_data"] = {"image": _decode_images(r, Limits(max_image_pixels=1 << 62))}
+            prompt["multi_modal_data"] = {"image": decode_images(r, Limits(max_image_pixels=1 << 62))}
         return prompt
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
@@ -519,7 +501,7 @@ class VLLMBackend(TeacherBackend):
                 if r.images:
                     n_img = int((np.asarray(r.input_ids[: t + 1]) == self.info.image_token_id).sum()) // self.info.image_seq_length
                     if n_img:
-                        prompt["multi_modal_data"] = {"image": _decode_images(r, Limits(max_image_pixels=1 << 62))[:n_img]}
+                        prompt["multi_modal_data"] = {"image": decode_images(r, Limits(max_image_pixels=1 << 62))[:n_img]}
                 jobs.append((ri, i, prompt))
         if not jobs:
             return
