@@ -14,7 +14,7 @@ import numpy as np
 
 from teacher_service.protocol import ScoreRequest, make_request
 
-__all__ = ["save_tiny_teacher", "sample_requests", "reference_scores"]
+__all__ = ["save_tiny_teacher", "tiny_backend", "sample_requests", "reference_scores"]
 
 QUESTIONS = ("What colour is the circle?", "Describe the image.", "How many squares are there?", "Is there a red triangle?")
 ANSWERS = ("red", "a large blue square at the top left", "two", "no, there is a green triangle at the bottom")
@@ -32,6 +32,15 @@ def save_tiny_teacher(out: str | Path, preset: str = "tiny", seed: int = 0) -> P
     model.save_pretrained(out)
     build_processor(tok, image_size=p.vision.image_size, patch_size=p.vision.patch_size).save_pretrained(out)
     return out
+
+
+def tiny_backend(out: str | Path, *, preset: str = "tiny", threads: int = 1, seed: int = 0):
+    """(checkpoint dir, in-process hf backend on CPU fp32) of `save_tiny_teacher(out)`: the benches'
+    common set-up, so the Serve app they deploy and the in-process reference load the same teacher."""
+    from teacher_service.backends import create_backend
+
+    model = save_tiny_teacher(out, preset=preset, seed=seed)
+    return model, create_backend("hf", str(model), device="cpu", dtype="float32", torch_threads=threads)
 
 
 def _png(seed: int, size: int) -> bytes:

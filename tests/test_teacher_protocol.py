@@ -12,6 +12,7 @@ from teacher_service.client import TeacherClient
 from teacher_service.errors import TeacherRequestError, WrongTeacherError
 from teacher_service.identity import model_id, tokenizer_hash
 from teacher_service.protocol import (
+    PROTOCOL_VERSION,
     Limits,
     ScoreRequest,
     ScoreResponse,
@@ -65,7 +66,7 @@ def test_valid_request_passes_and_bad_ones_name_their_field():
     assert _field(_req(images=[b""], pixel_values=None)) == "images[0]"
     raw = ScoreRequest(input_ids=_ids().astype(np.int64), positions=np.array([5], np.int32))
     assert _field(raw) == "input_ids"  # int64 on the wire is refused, not silently cast
-    assert _field(ScoreRequest(input_ids=_ids(), positions=np.array([5], np.int32), version=2)) == "version"
+    assert _field(ScoreRequest(input_ids=_ids(), positions=np.array([5], np.int32), version=PROTOCOL_VERSION - 1)) == "version"
     with pytest.raises(TeacherRequestError, match="input_ids: expected integer ids"):
         make_request(np.zeros(3, np.float32))
 
@@ -103,6 +104,35 @@ def test_npz_roundtrip_and_no_pickle():
     with pytest.raises(TeacherRequestError) as e:
         decode_request(buf.getvalue())
     assert e.value.field == "input_ids"
+
+
+def test_response_pickles_packed_into_one_payload():
+    """Protocol 2: a response crosses the object store as one payload; arrays come back as equal views."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    n, k = 28, 64
+    resp = ScoreResponse(model_id="m@0", tokenizer_hash="tok-0", request_id="r7",
+                         topk_ids=rng.integers(0, 1000, (n, k)).astype(np.int32),
+                         topk_logprobs=rng.standard_normal((n, k)).astype(np.float16),
+                         tail_logmass=rng.standard_normal(n).astype(np.float32),
+                         target_logprobs=rng.standard_normal(n).astype(np.float32), sequence_logprob=-3.25,
+                         relation=rng.standard_normal((1, 3, 3)).astype(np.float16))
+    bufs: list = []
+    data = pickle.dumps(resp, protocol=5, buffer_callback=bufs.append)
+    assert bufs == []  # no per-array out-of-band buffers (Ray frames each one at ~160 B)
+    arrays = n * k * 6 + n * 8 + 9 * 2
+    assert arrays < len(data) < arrays + 200, len(data)
+    back = pickle.loads(data)
+    for f in ("topk_ids", "topk_logprobs", "tail_logmass", "target_logprobs", "relation"):
+        a, b = getattr(resp, f), getattr(back, f)
+        assert a.dtype == b.dtype and a.shape == b.shape and not b.flags.writeable
+        np.testing.assert_array_equal(a, b)
+    assert (back.model_id, back.tokenizer_hash, back.request_id, back.sequence_logprob, back.version) == \
+        ("m@0", "tok-0", "r7", -3.25, PROTOCOL_VERSION)
+    empty = pickle.loads(pickle.dumps(ScoreResponse(model_id="m", tokenizer_hash="t", topk_ids=np.zeros((0, k), np.int32),
+                                                    topk_logprobs=np.zeros((0, k), np.float16)), protocol=5))
+    assert empty.topk_ids.shape == (0, k) and empty.tail_logmass is None and empty.sequence_logprob is None
 
 
 def test_score_rows_matches_fp32_log_softmax():
