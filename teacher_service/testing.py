@@ -3,7 +3,9 @@
 The teacher is the `tiny` preset's (random weights: the service's math does not care what the
 teacher knows), saved as an ordinary HF checkpoint with its processor, i.e. what RUN/teacher/ holds.
 `reference_scores` is the in-process answer the service must reproduce: one full forward per
-sequence, fp32 log-softmax over the tokenizer's vocab.
+sequence, fp32 log-softmax over the tokenizer's vocab. `NoopBackend` ("noop" in the registry)
+answers correctly shaped responses without any model forward: the service's own cost, measured by
+bench/serve_cost.py.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from teacher_service.protocol import ScoreRequest, make_request
+from teacher_service.backends.base import TeacherBackend
+from teacher_service.protocol import ScoreRequest, ScoreResponse, TeacherInfo, make_request
 
-__all__ = ["save_tiny_teacher", "tiny_backend", "sample_requests", "reference_scores"]
+__all__ = ["save_tiny_teacher", "tiny_backend", "sample_requests", "reference_scores", "NoopBackend"]
 
 QUESTIONS = ("What colour is the circle?", "Describe the image.", "How many squares are there?", "Is there a red triangle?")
 ANSWERS = ("red", "a large blue square at the top left", "two", "no, there is a green triangle at the bottom")
@@ -132,3 +135,58 @@ def reference_scores(model, processor, request: ScoreRequest) -> dict:
     vis = ids[0] == image_token_id
     out["visual_logits"] = logits[vis].reshape(-1, int(model.config.image_seq_length), vocab).numpy()
     return out
+
+
+class NoopBackend(TeacherBackend):
+    """A teacher that computes nothing: validation, image decoding and batching run as for `hf`, but
+    every answer is a constant of the right shape and dtype (top-k ids 0..k-1 at log(1/V), tail mass,
+    target log-probs, sequence log-prob, relation zeros). Reads only config.json and the processor of
+    the checkpoint `model`, never its weights, so the service's per-call cost shows alone."""
+
+    name = "noop"
+
+    def __init__(self, model: str | Path, *, device: str = "cpu", dtype: str = "float32", model_id: str | None = None,
+                 torch_threads: int | None = None):
+        from transformers import AutoConfig, AutoProcessor
+
+        from teacher_service.identity import model_id as checkpoint_model_id
+        from teacher_service.identity import tokenizer_hash
+
+        cfg = AutoConfig.from_pretrained(str(model), local_files_only=True)
+        self.processor = AutoProcessor.from_pretrained(str(model), local_files_only=True)
+        tok = self.processor.tokenizer
+        size = int(cfg.vision_config.image_size)
+        self.info = TeacherInfo(
+            model_id=model_id or checkpoint_model_id(model), tokenizer_hash=tokenizer_hash(tok), backend=self.name,
+            vocab_size=len(tok), image_token_id=int(cfg.image_token_id), image_seq_length=int(cfg.image_seq_length),
+            image_shape=(3, size, size), pad_token_id=int(tok.pad_token_id or 0), dtype=dtype, device=device)
+
+    def prepare(self, request: ScoreRequest, limits) -> ScoreRequest:
+        from dataclasses import replace
+
+        from teacher_service.backends.base import decode_images
+
+        if not request.images:
+            return request
+        pv = self.processor.image_processor(images=decode_images(request, limits), return_tensors="np")["pixel_values"]
+        return replace(request, images=(), pixel_values=np.ascontiguousarray(pv, dtype=np.float32))
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
+        info, out = self.info, []
+        for r in requests:
+            n = 0 if r.positions is None else len(r.positions)
+            f: dict = {}
+            if r.top_k and n:
+                k = int(r.top_k)
+                f["topk_ids"] = np.tile(np.arange(k, dtype=np.int32), (n, 1))
+                f["topk_logprobs"] = np.full((n, k), -np.log(info.vocab_size), dtype=r.logprobs_dtype)
+                f["tail_logmass"] = np.full(n, np.log1p(-k / info.vocab_size) if k < info.vocab_size else -np.inf, np.float32)
+            if r.target_ids is not None:
+                f["target_logprobs"] = np.full(n, -np.log(info.vocab_size), np.float32)
+            if r.sequence_mask is not None:
+                f["sequence_logprob"] = float(-np.log(info.vocab_size) * r.sequence_mask.sum())
+            if r.relation:
+                np_ = info.image_seq_length
+                f["relation"] = np.zeros((r.num_images, np_, np_), dtype=r.relation_dtype)
+            out.append(ScoreResponse(model_id=info.model_id, tokenizer_hash=info.tokenizer_hash, request_id=r.request_id, **f))
+        return out

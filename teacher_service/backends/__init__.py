@@ -17,6 +17,7 @@ __all__ = ["TeacherBackend", "register_backend", "create_backend", "available_ba
 _REGISTRY: dict[str, str | Callable[..., TeacherBackend]] = {
     "hf": "teacher_service.backends.hf:HFBackend",
     "vllm": "teacher_service.backends.vllm:VLLMBackend",
+    "noop": "teacher_service.testing:NoopBackend",  # no forward: the service's own cost (bench/serve_cost.py)
 }
 
 
