@@ -175,6 +175,8 @@ def load_image(record: dict):
 
 def preprocess_record(record: dict, processor, *, image_seq_length: int, max_length: int, preference: bool) -> dict:
     """One SOURCE_SCHEMA record -> one row of `actors.columns` (raises RowReject)."""
+    if record.get("error"):
+        raise RowReject("malformed_record", str(record["error"]))
     tok = processor.tokenizer
     kw = dict(image_token_id=int(tok.image_token_id), image_seq_length=image_seq_length, num_images=1, max_length=max_length)
     messages = list(record.get("messages") or [])

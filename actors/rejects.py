@@ -42,6 +42,7 @@ REASONS = {
     "image_token_count": "the text's image placeholders do not match the row's images",
     "too_long": "over max_length after truncation, or truncation would cut image tokens",
     "bad_preference": "a preference row lacks its prompt, chosen or rejected response",
+    "malformed_record": "the source record could not be read (file, line and parse error in detail)",
     "teacher_rejected": "the teacher refused the request (field and reason in detail)",
     "unexpected_error": "an error no rule anticipated (type and message in detail)",
 }

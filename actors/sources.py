@@ -10,7 +10,10 @@ Three formats (`actors.recipe.SOURCE_FORMATS`):
 
 Normalisation never judges a record: a missing file, a broken conversation or an odd role is kept
 as it is and rejected, with its id and reason, by preprocessing (`actors.preprocess`), so every
-bad row lands in the rejects file instead of failing the read or vanishing.
+bad row lands in the rejects file instead of failing the read or vanishing. A record that cannot be
+read at all (a JSONL line that is not JSON, an array element that is not an object) becomes a row
+whose `error` says where and why; preprocessing rejects it as `malformed_record`. Only a whole file
+that cannot be read (not JSON, not Parquet) stops the run, with the file named.
 """
 from __future__ import annotations
 
@@ -49,10 +52,28 @@ SOURCE_SCHEMA = pa.schema([
     pa.field("messages", pa.list_(MESSAGE)),
     pa.field("chosen", pa.string()),
     pa.field("rejected", pa.string()),
+    pa.field("error", pa.string()),  # the record could not be read (file:line and why); rejected
 ])
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
+
+
+class MalformedRecord:
+    """A source record that could not be parsed; becomes a row that preprocessing rejects."""
+
+    def __init__(self, where: str, reason: str):
+        self.where, self.reason = where, reason
+
+
+def _unreadable(raw, source: str, index: int) -> dict:
+    """The row of a record that is not a JSON object: only its id and what went wrong."""
+    if isinstance(raw, MalformedRecord):
+        error = f"{raw.where}: {raw.reason}"
+    else:
+        error = f"record {index} of source {source!r} is a JSON {type(raw).__name__}, not an object"
+    return {"id": f"{source}-{index}", "source": source, "task": "", "subtask": "", "image": None, "image_path": None,
+            "messages": [], "chosen": None, "rejected": None, "error": error}
 
 
 def _image_path(image, image_root: str | None) -> str | None:
@@ -66,8 +87,7 @@ def llava_record(raw: dict, *, source: str, index: int, image_root: str | None) 
     """One LLaVA conversation -> a SOURCE_SCHEMA row. Roles are mapped (human->user, gpt->assistant);
     an unknown role is kept verbatim for preprocessing to reject."""
     if not isinstance(raw, dict):
-        return {"id": f"{source}-{index}", "source": source, "task": "llava", "subtask": "", "image": None,
-                "image_path": None, "messages": [], "chosen": None, "rejected": None}
+        return _unreadable(raw, source, index)
     turns = raw.get("conversations")
     messages = []
     if isinstance(turns, list):
@@ -98,7 +118,7 @@ def preference_record(raw: dict, *, source: str, index: int, image_root: str | N
     """One RLAIF-V style row -> a SOURCE_SCHEMA row: the question becomes the user turn (with the
     image placeholder prepended when absent: RLAIF-V questions do not carry one)."""
     if not isinstance(raw, dict):
-        raw = {}
+        return _unreadable(raw, source, index)
     image = raw.get("image")
     data, path = None, None
     if isinstance(image, dict):  # the HF image feature: {"bytes", "path"}
@@ -130,8 +150,13 @@ def records_table(rows: Iterable[dict]) -> pa.Table:
 
 
 def _load_json(path: str) -> list:
-    """A JSON array, or JSON Lines (one object a line; a malformed line is an error naming it)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """A JSON array, or JSON Lines (one object a line; a malformed line becomes a MalformedRecord
+    naming the file and line, rejected and counted downstream). A JSON array file that does not
+    parse is an error naming the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.endswith(".jsonl") or not text.lstrip().startswith("["):
         out = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -139,9 +164,12 @@ def _load_json(path: str) -> list:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    out.append(MalformedRecord(f"{path}:{n}", f"not valid JSON ({e.msg} at column {e.colno})"))
         return out
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data
@@ -166,7 +194,13 @@ def source_files(spec: SourceSpec, variables: dict[str, str] | None = None) -> l
 
 
 def _filter_tasks(table: pa.Table, tasks: tuple[str, ...]) -> pa.Table:
-    return table if not tasks else table.filter(pc.is_in(table["task"], value_set=pa.array(list(tasks))))
+    """Rows of the given tasks; unreadable rows (no task known) are kept, to be rejected and counted."""
+    if not tasks:
+        return table
+    keep = pc.fill_null(pc.is_in(table["task"], value_set=pa.array(list(tasks))), False)
+    if "error" in table.column_names:
+        keep = pc.or_(keep, pc.is_valid(table["error"]))
+    return table.filter(keep)
 
 
 def _from_record_parquet(batch: pa.Table, source: str, tasks: tuple[str, ...]) -> pa.Table:
@@ -184,6 +218,14 @@ def _from_record_parquet(batch: pa.Table, source: str, tasks: tuple[str, ...]) -
     return pa.table(cols, schema=SOURCE_SCHEMA)
 
 
+def _parquet(read, path: str, where: str, **kw):
+    """read(path, **kw), with a file that is not readable Parquet named in the error."""
+    try:
+        return read(path, **kw)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{where}: {path} is not a readable Parquet file ({e})") from None
+
+
 def load_source(spec: SourceSpec, variables: dict[str, str] | None = None) -> pa.Table:
     """One recipe source as a SOURCE_SCHEMA table (task filter and max_rows applied).
 
@@ -195,16 +237,16 @@ def load_source(spec: SourceSpec, variables: dict[str, str] | None = None) -> pa
     where = f"source {spec.name!r}"
     image_root = resolve_path(spec.image_root, variables, where=f"{where}.image_root") if spec.image_root else None
     if all(f.endswith(".parquet") for f in files):
-        schema = pq.read_schema(files[0])
+        schema = _parquet(pq.read_schema, files[0], where)
         if "messages" in schema.names:  # record-schema Parquet (the shapes world, or converted data)
             tables = []
             for f in files:
-                check_schema(pq.read_schema(f), where=f)
-                t = pq.read_table(f, columns=[c for c in SOURCE_SCHEMA.names if c in schema.names])
+                check_schema(_parquet(pq.read_schema, f, where), where=f)
+                t = _parquet(pq.read_table, f, where, columns=[c for c in SOURCE_SCHEMA.names if c in schema.names])
                 tables.append(_from_record_parquet(t, spec.name, spec.tasks))
             table = pa.concat_tables(tables)
         elif spec.format == "preference":  # RLAIF-V Parquet
-            rows = pq.read_table(files).to_pylist()
+            rows = [r for f in files for r in _parquet(pq.read_table, f, where).to_pylist()]
             table = _filter_tasks(records_table(
                 preference_record(r, source=spec.name, index=i, image_root=image_root) for i, r in enumerate(rows)), spec.tasks)
         else:
