@@ -14,15 +14,26 @@ data-parallel size and do not load, so the resume is **weights-only**: module we
 the Adam moments start from zero, and the step counter, learning-rate schedule position and consumed
 samples continue. (DeepSpeed universal checkpoints would keep the moments; they need an offline
 conversion pass per resize, which we do not do.)
+
+Crash safety (a process killed in the middle of a save). Each rank assembles its part in a local
+staging folder (`staging_dir`), then `ray.train.report` copies the folder into storage, inside the
+call, before the report is sent. A checkpoint is what a restart loads only once Ray Train's
+controller has registered it, at its next poll of the workers; the controller then writes
+checkpoint_manager_snapshot.json (what `--resume` from a new driver reads) before it deletes
+checkpoints beyond num_to_keep. A kill while DeepSpeed writes the staging folder, while Ray copies
+it, or before the controller registered it leaves at most an unregistered folder in storage that is
+never loaded: the restart loads the previous checkpoint (tests/test_reliability_checkpoint_kill.py).
+A killed save's staging folder is removed by the rank's next save, so crashes do not pile up copies.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainState", "save_checkpoint", "restore_checkpoint", "DS_TAG"]
+__all__ = ["TrainState", "save_checkpoint", "restore_checkpoint", "staging_dir", "DS_TAG"]
 
 DS_TAG = "ds"
 
@@ -36,14 +47,23 @@ class TrainState:
     consumed: set = field(default_factory=set)  # sample ids trained on in the current epoch
 
 
+def staging_dir(run_name: str, rank: int) -> Path:
+    """Where a rank assembles a checkpoint before Ray copies it to storage: node-local, one per
+    (run, rank), so the next save finds and removes what a killed save left."""
+    return Path(tempfile.gettempdir()) / "mod-distill-ckpt" / f"{run_name}-rank{rank}"
+
+
 def save_checkpoint(engine, state: TrainState, rank: int, metrics: dict) -> None:
     """Every rank: DeepSpeed save, own consumed ids, barrier, ray.train.report (itself a barrier)."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
+    tmp = staging_dir(ray.train.get_context().get_experiment_name(), rank)
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+    tmp.mkdir(parents=True)
+    try:
+        engine.save_checkpoint(str(tmp), tag=DS_TAG)
         (Path(tmp) / f"consumed-rank{rank}.json").write_text(json.dumps(sorted(state.consumed)))
         if rank == 0:
             meta = {k: v for k, v in asdict(state).items() if k != "consumed"}
@@ -51,7 +71,9 @@ def save_checkpoint(engine, state: TrainState, rank: int, metrics: dict) -> None
         if dist.is_initialized():
             dist.barrier()
         ray.train.report({**metrics, "step": state.step, "epoch": state.epoch},
-                         checkpoint=Checkpoint.from_directory(tmp))
+                         checkpoint=Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def restore_checkpoint(engine, checkpoint, world_size: int) -> tuple[TrainState, bool]:

@@ -21,6 +21,7 @@ from student.training.checkpoint import TrainState, restore_checkpoint, save_che
 from student.training.deepspeed_config import deepspeed_config
 from student.training.job import StageJob, total_steps
 from student.training.metrics import MetricsLogger, summarize
+from student.training.sample_log import SampleLog, sample_summary
 from student.training.schedule import lr_at
 from student.training.stage_model import stage_output_dir, stage_start_model
 from student.training.step import StepContext, stage_step
@@ -93,6 +94,17 @@ def _reduce_metrics(values: dict, world: int) -> dict:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: (v if k == "tokens" else v / world) for k, v in zip(keys, t.tolist())}
+
+
+def _attempt_id() -> int:
+    """One id per start of the worker group, the same on every rank (rank 0's clock): the sample log
+    tells a restarted attempt's steps from the ones it supersedes."""
+    import torch.distributed as dist
+
+    box = [time.time_ns()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 def _set_lr(optimizer, lr: float) -> None:
@@ -171,6 +183,8 @@ def train_loop(config: dict) -> None:
 
     logger = MetricsLogger(run_dir, job.stage, steps, start_step=state.step, enabled=rank == 0,
                            progress=job.progress)
+    stage_dir = run_dir / "stages" / job.stage
+    samples = SampleLog(stage_dir, rank, _attempt_id(), state.step)
     if rank == 0:
         how = "fresh" if checkpoint is None else ("weights-only resume" if weights_only else "resume")
         print(f"[{job.stage}] {how} at step {state.step}/{steps}: world {world} x micro-batch {micro}, "
@@ -203,6 +217,7 @@ def train_loop(config: dict) -> None:
             engine.step()
             state.consumed.update(str(i) for i in raw[C.ID])
             state.step += 1
+            samples.write(state.step, state.epoch, raw[C.ID])
             stepped = True
             dt = time.perf_counter() - t0
             logged.update(time_s=dt, teacher_wait_s=wait)
@@ -229,14 +244,15 @@ def train_loop(config: dict) -> None:
         save_checkpoint(engine, state, rank, {"loss": last_loss})
     if recorder is not None:
         recorder.detach()
+    samples.close()
     out = stage_output_dir(run_dir, job.stage)
-    _export(engine, processor, out, rank, job.zero_stage)
+    _export(engine, processor, out, rank, job.zero_stage)  # ends with a barrier: every rank's log is complete
     if rank == 0:
         import json
 
         summary = summarize(logger.records, wall)
         summary.update(setup_s=setup_s, entered_at=t_enter, finished_at=time.time(), world_size=world, micro_batch=micro, zero_stage=job.zero_stage, total_steps=steps,
-                       resumed_weights_only=weights_only, output=str(out))
-        (run_dir / "stages" / job.stage).mkdir(parents=True, exist_ok=True)
-        (run_dir / "stages" / job.stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                       resumed_weights_only=weights_only, output=str(out), samples=sample_summary(stage_dir))
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.close()
