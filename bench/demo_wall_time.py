@@ -48,7 +48,7 @@ def spans(lines: list[tuple[float, str]], stages: list[str], end: float) -> dict
         st = stage_of(s, stages)
         if st is not None:
             last[st] = t
-    out, prev = {"setup_s": ray_up}, ray_up or 0.0
+    out, prev = {"setup_s": None if ray_up is None else round(ray_up, 1)}, ray_up or 0.0
     per = {}
     for st in stages:
         if st in last:

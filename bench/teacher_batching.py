@@ -50,14 +50,12 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     from teacher_service.app import ServiceConfig, deploy, shutdown
-    from teacher_service.backends import create_backend
     from teacher_service.client import TeacherClient
     from teacher_service.protocol import Limits
-    from teacher_service.testing import sample_requests, save_tiny_teacher
+    from teacher_service.testing import sample_requests, tiny_backend
 
     tmp = tempfile.TemporaryDirectory(prefix="teacher-bench-")
-    model = save_tiny_teacher(Path(tmp.name) / "teacher")
-    backend = create_backend("hf", str(model), device="cpu", dtype="float32", torch_threads=a.threads)
+    model, backend = tiny_backend(Path(tmp.name) / "teacher", threads=a.threads)
     requests = sample_requests(backend.processor, a.requests, top_k=a.top_k)
     longest = max(r.num_tokens for r in requests)
     rows = sum(len(r.positions) + int(r.sequence_mask.sum()) for r in requests)
@@ -82,13 +80,18 @@ def main() -> None:
             "in_process": in_process,
             "in_process_unbatched": in_process_unbatched}
     times: dict[str, list[float]] = {k: [] for k in runs}
+    before: dict = {}
     for it in range(a.warmup + a.rounds):
+        if it == a.warmup:
+            before = {k: c.server_stats() for k, c in clients.items()}
         for key, fn in runs.items():
             t0 = time.perf_counter()
             fn()
             if it >= a.warmup:
                 times[key].append(time.perf_counter() - t0)
     stats = {k: c.server_stats() for k, c in clients.items()}
+    # Seconds per measured round the replica spent in backend.score (the forwards), the rest is Serve's.
+    replica_fwd = {k: (stats[k]["forward_s"] - before[k]["forward_s"]) / a.rounds for k in clients}
     for name in ("bench-batched", "bench-unbatched"):
         shutdown(name)
     ray.shutdown()
@@ -113,6 +116,11 @@ def main() -> None:
         "batching_ceiling_in_process": round(med["in_process_unbatched"] / med["in_process"], 2),
         "serve_overhead_ratio_batched_vs_in_process": round(med["batched"] / med["in_process"], 2),
         "serve_overhead_ms_per_round": round((med["batched"] - med["in_process"]) * 1e3, 1),
+        # where a round's time goes: the replica's forwards vs everything else (routing, queueing,
+        # validation, image decoding, (de)serialization), for both apps
+        "replica_forward_s_per_round": {k: round(v, 4) for k, v in replica_fwd.items()},
+        "serve_rest_ms_per_request": {k: round((med[k] - replica_fwd[k]) / a.requests * 1e3, 2) for k in clients},
+        "forward_ratio_unbatched_vs_batched": round(replica_fwd["unbatched"] / max(replica_fwd["batched"], 1e-9), 2),
         "goal_throughput_ratio": 3.0,
     }))
 
