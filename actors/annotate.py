@@ -183,6 +183,7 @@ class Annotator:
         self.teacher_column_names = teacher_column_names(config.plan)
         self._client = None
         self._sem: asyncio.Semaphore | None = None
+        self._retries_reported = 0  # the client's retries already counted in the ledger
 
     @property
     def client(self):
@@ -243,8 +244,11 @@ class Annotator:
             else:
                 rejects.append(reject(r[C.ID], None, refused[h]))
         if self.ledger is not None:
+            retries = (self._client.stats()["retries"] if self._client is not None else 0) - self._retries_reported
+            self._retries_reported += retries  # re-sent teacher calls (a dead replica, a full queue, timeouts)
             stop = await self.ledger.record.remote(self.OP, len(rows), len(out_rows), rejects,
-                                                   {"cache_hits": len(rows) - len(todo), "teacher_rows": len(todo)})
+                                                   {"cache_hits": len(rows) - len(todo), "teacher_rows": len(todo),
+                                                    "teacher_retries": retries})
             if stop:
                 raise RejectRateExceeded(stop)
         return rows_to_table(out_rows, list(batch) + [c for c in self.teacher_column_names if c not in batch])

@@ -74,13 +74,15 @@ class StageData:
 def teacher_key(app_name: str, tokenizer, top_k: int, *, timeout_s: float = 60.0) -> CacheKey:
     """Ask the teacher who it is; refuse a teacher whose tokenizer differs from ours."""
     from teacher_service.client import TeacherClient
-    from teacher_service.identity import tokenizer_hash
+    from teacher_service.identity import TokenizerHashMismatch, tokenizer_hash
 
     info = TeacherClient(app_name, timeout_s=timeout_s).info()
     ours = tokenizer_hash(tokenizer)
     if info.tokenizer_hash != ours:
-        raise ValueError(f"teacher app {app_name!r} ({info.model_id}) uses tokenizer {info.tokenizer_hash}, the data plane "
-                         f"tokenizes with {ours}: distillation over different token ids is meaningless")
+        raise TokenizerHashMismatch(
+            f"teacher app {app_name!r} ({info.model_id}) uses tokenizer {info.tokenizer_hash} ({info.vocab_size} ids), "
+            f"the data plane tokenizes with {ours} ({len(tokenizer)} ids): distillation over different token ids is "
+            f"meaningless")
     return CacheKey(teacher_model_id=info.model_id, tokenizer_hash=info.tokenizer_hash, top_k=int(top_k))
 
 

@@ -113,6 +113,7 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
     from student.training.data import DataPlaneUnavailable
     from student.training.pipeline import TrainOptions, run_stages
     from student.training.trainer import ensure_ray, parse_workers
+    from teacher_service.identity import TokenizerHashMismatch
 
     start = time.perf_counter()
     recipe = load_recipe(recipe_path)
@@ -162,6 +163,9 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
         click.echo(f"error: training data is not available yet: {e}", err=True)
         click.echo(f"prepared in {time.perf_counter() - start:.1f}s", err=True)
         sys.exit(3)
+    except TokenizerHashMismatch as e:  # refused before any training step
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     click.echo(f"done in {time.perf_counter() - start:.1f}s; metrics: {run / 'metrics.jsonl'}, TensorBoard: {run / 'tb'}")
     if (run / "report.md").exists():
         click.echo(f"report: {run / 'report.md'}")

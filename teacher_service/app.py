@@ -136,7 +136,8 @@ class TeacherDeployment:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="teacher-forward")
         # Counters of this replica's lifetime; TeacherClient.server_stats() sums them over replicas.
         self._stats = {"requests": 0, "rejected": 0, "answered": 0, "rows": 0, "tokens": 0, "batches": 0,
-                       "padded_tokens": 0, "forward_s": 0.0}
+                       "padded_tokens": 0, "forward_s": 0.0, "peak_in_flight": 0}
+        self._in_flight = 0  # requests inside this replica now (queued for a batch or computing)
         self._started = time.time()
         if cfg.warmup:
             self._warmup()
@@ -156,16 +157,21 @@ class TeacherDeployment:
 
     async def __call__(self, request: ScoreRequest) -> ScoreResponse:
         self._stats["requests"] += 1
+        self._in_flight += 1  # the replica's memory bound: Serve admits at most max_ongoing_requests calls
+        self._stats["peak_in_flight"] = max(self._stats["peak_in_flight"], self._in_flight)
         try:
-            validate(request, self.limits, self.info)
-            if request.images:  # decoding is per request: a corrupt image fails only its own request
-                request = await asyncio.to_thread(self.backend.prepare, request, self.limits)
-            else:
-                request = self.backend.prepare(request, self.limits)
-        except Exception:
-            self._stats["rejected"] += 1
-            raise
-        return await self.score_batch(request)
+            try:
+                validate(request, self.limits, self.info)
+                if request.images:  # decoding is per request: a corrupt image fails only its own request
+                    request = await asyncio.to_thread(self.backend.prepare, request, self.limits)
+                else:
+                    request = self.backend.prepare(request, self.limits)
+            except Exception:
+                self._stats["rejected"] += 1
+                raise
+            return await self.score_batch(request)
+        finally:
+            self._in_flight -= 1
 
     async def score_many(self, requests: list[ScoreRequest]) -> list[ScoreResponse | TeacherError]:
         """Many requests in one call: one round trip instead of one per request, and they all reach
@@ -206,8 +212,11 @@ class TeacherDeployment:
         return self.info
 
     def get_stats(self) -> dict:
-        """This replica's counters since it started (requests received/rejected/answered, rows, ...)."""
-        return dict(self._stats, replicas=1, pid=os.getpid(), uptime_s=time.time() - self._started)
+        """This replica's counters since it started (requests received/rejected/answered, rows, ...;
+        in_flight / peak_in_flight: requests inside the replica now / at most at once, each request
+        of a score_many call counted)."""
+        return dict(self._stats, in_flight=self._in_flight, replicas=1, pid=os.getpid(),
+                    uptime_s=time.time() - self._started)
 
     def __del__(self):
         try:

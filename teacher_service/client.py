@@ -293,12 +293,15 @@ class TeacherClient:
         """Server-side counters summed over the live replicas (each counts since it started).
 
         Keys: requests, rejected, answered, rows (next-token distributions computed), tokens, batches,
-        padded_tokens, forward_s, replicas. A replica that died took its counts with it.
+        padded_tokens, forward_s, replicas, and peak_in_flight (the largest over replicas, not a sum).
+        A replica that died took its counts with it.
         """
         per_replica = self._get_handle().broadcast("get_stats").results(timeout_s=self.timeout_s)
         total: dict = {}
         for s in per_replica:
             for k, v in s.items():
-                if k not in ("pid", "uptime_s"):
+                if k.startswith("peak_"):
+                    total[k] = max(total.get(k, 0), v)
+                elif k not in ("pid", "uptime_s"):
                     total[k] = total.get(k, 0) + v
         return total

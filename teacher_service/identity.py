@@ -11,10 +11,14 @@ import json
 import struct
 from pathlib import Path
 
-__all__ = ["tokenizer_hash", "model_id"]
+__all__ = ["tokenizer_hash", "model_id", "TokenizerHashMismatch"]
 
 _SPECIAL_ATTRS = ("pad_token", "eos_token", "bos_token", "unk_token", "image_token")
 _FULL_HASH_LIMIT = 2 << 30  # hash every weight byte up to 2 GiB of checkpoint; above, headers + samples
+
+
+class TokenizerHashMismatch(ValueError):
+    """Teacher and student (or data plane) tokenize differently: refused before any training step."""
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -15,7 +15,7 @@ from typing import Callable
 from actors.recipe import Recipe
 from student.training.job import StageJob
 from student.training.metrics import format_summary
-from student.training.stage_model import stage_output_dir
+from student.training.stage_model import check_student_tokenizer, stage_output_dir
 from student.training.trainer import Workers, run_stage
 
 __all__ = ["PIPELINES", "FINAL_STAGES", "TrainOptions", "run_stages", "export_student"]
@@ -77,6 +77,9 @@ def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: 
         data = data_fn(recipe, stage, run_dir)
         dataset, rows = data
         ledger = getattr(data, "ledger", None)  # actors.pipeline.StageData: the pass ledger
+        key = getattr(data, "key", None)  # who annotated the rows (the data plane checked it against its tokenizer)
+        if key is not None:
+            check_student_tokenizer(stage, run_dir, recipe, key.tokenizer_hash)
         job = StageJob(stage=stage, run_dir=str(run_dir), recipe=recipe, rows=rows, zero_stage=options.zero_stage,
                        max_steps=options.max_steps, checkpoint_every=options.checkpoint_every,
                        use_gpu=options.use_gpu, progress=options.progress)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from actors.recipe import Recipe
 
-__all__ = ["PREVIOUS_STAGE", "stage_output_dir", "teacher_dir", "stage_start_model"]
+__all__ = ["PREVIOUS_STAGE", "stage_output_dir", "teacher_dir", "stage_start_model", "stage_tokenizer",
+           "check_student_tokenizer"]
 
 PREVIOUS_STAGE: dict[str, str | None] = {
     "teacher": None,
@@ -105,3 +106,35 @@ def stage_start_model(stage: str, run_dir: Path, recipe: Recipe):
     student = build_student(preset, processor.tokenizer, seed=recipe.seed)
     copy_vision_tower(teacher, student)
     return student, processor
+
+
+def stage_tokenizer(stage: str, run_dir: Path, recipe: Recipe):
+    """The tokenizer of the model `stage` starts from, without loading any weights."""
+    from transformers import AutoTokenizer
+
+    prev = PREVIOUS_STAGE[stage]
+    if prev is not None:
+        src = _need(stage_output_dir(run_dir, prev), f"the {prev!r} stage's checkpoint (input of {stage!r})")
+    elif stage != "teacher" and recipe.model.student_llm:
+        from student.model.loading import _tokenizer_with_image_token
+
+        return _tokenizer_with_image_token(recipe.model.student_llm)  # as assemble_student builds it
+    elif stage != "teacher":
+        src = _need(teacher_dir(run_dir, recipe), "the teacher checkpoint (run --stage teacher, or set model.teacher)")
+    else:
+        return _world_tokenizer(run_dir)
+    return AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+
+
+def check_student_tokenizer(stage: str, run_dir: Path, recipe: Recipe, teacher_tokenizer_hash: str) -> None:
+    """Refuse, before any training step, a stage whose student tokenizes differently from the teacher
+    that annotated its rows: KL / DPO over another tokenizer's ids is silently meaningless."""
+    from teacher_service.identity import TokenizerHashMismatch, tokenizer_hash
+
+    ours = tokenizer_hash(stage_tokenizer(stage, run_dir, recipe))
+    if ours != teacher_tokenizer_hash:
+        prev = PREVIOUS_STAGE[stage]
+        where = stage_output_dir(run_dir, prev) if prev else "the stage's start model"
+        raise TokenizerHashMismatch(f"stage {stage!r}: the student ({where}) uses tokenizer {ours}, but its rows were annotated "
+                         f"by a teacher with tokenizer {teacher_tokenizer_hash}: distillation over different token ids "
+                         f"is meaningless; use a student and teacher with the same tokenizer")
