@@ -45,7 +45,13 @@ def prepare_world(recipe, run_dir: Path) -> Path:
 
 def describe_models(recipe, tokenizer) -> dict:
     """Build the preset's teacher, dense student and upcycled student; report their sizes."""
-    from student.model import build_student, build_teacher, get_preset, parameter_report, upcycle
+    from student.model import (
+        build_student,
+        build_teacher,
+        get_preset,
+        parameter_report,
+        upcycle,
+    )
 
     preset = get_preset(recipe.model.preset)
     teacher = build_teacher(preset, tokenizer, seed=recipe.seed)
@@ -89,6 +95,10 @@ def make_data_fn(data: str | None, teacher: str | None, teacher_cache: Path):
               help="Existing run directory to continue, or where to create one (default runs/<unique name>).")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
 @click.option("--workers", default="2", show_default=True, help="Ray Train workers: N, or MIN:MAX (elastic).")
+@click.option("--resize-interval", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Elastic runs (--workers MIN:MAX): seconds between Ray Train's checks for room for more workers.")
+@click.option("--placement", type=click.Choice(["auto", "require", "off"]), default="auto", show_default=True,
+              help="Ask for the student_gpu pool: auto (when the cluster has it), require (wait for it), off.")
 @click.option("--zero-stage", type=click.IntRange(0, 3), default=2, show_default=True, help="DeepSpeed ZeRO stage.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Optimizer steps per stage (overrides epochs).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=50, show_default=True,
@@ -107,8 +117,9 @@ def make_data_fn(data: str | None, teacher: str | None, teacher_cache: Path):
 @click.option("--eval-limit", type=click.IntRange(min=1), default=900, show_default=True,
               help="Test records per evaluation (the shapes world's test split).")
 @click.option("--prepare-only", is_flag=True, help="Prepare the run directory (config, world, models.json) and stop.")
-def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_steps, checkpoint_every, resume,
-         max_failures, teacher, teacher_cache, data, gpu, no_progress, no_eval, eval_limit, prepare_only):
+def main(stage, pipeline, recipe_path, run_dir, seed, workers, resize_interval, placement, zero_stage, max_steps,
+         checkpoint_every, resume, max_failures, teacher, teacher_cache, data, gpu, no_progress, no_eval, eval_limit,
+         prepare_only):
     """Distil a multimodal teacher into a sparse-MoE student, stage by stage."""
     from student.training.data import DataPlaneUnavailable
     from student.training.pipeline import TrainOptions, run_stages
@@ -132,7 +143,8 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
     missing = [s for s in stages if s not in recipe.stages]
     if missing:
         raise click.UsageError(f"recipe {recipe.name!r} has no stage(s) {missing}; it has {list(recipe.stages)}")
-    flags = {"stage": stage, "pipeline": pipeline, "recipe": recipe_path, "workers": workers, "zero_stage": zero_stage,
+    flags = {"stage": stage, "pipeline": pipeline, "recipe": recipe_path, "workers": workers,
+             "resize_interval": resize_interval, "placement": placement, "zero_stage": zero_stage,
              "max_steps": max_steps, "checkpoint_every": checkpoint_every, "resume": resume, "teacher": teacher,
              "teacher_cache": teacher_cache, "data": data}
     config = write_resolved_config(run, recipe, flags)
@@ -155,7 +167,8 @@ def main(stage, pipeline, recipe_path, run_dir, seed, workers, zero_stage, max_s
     click.echo(f"ray: {address}; stages: {' -> '.join(stages)}")
     options = TrainOptions(workers=worker_spec, zero_stage=zero_stage, max_steps=max_steps,
                            checkpoint_every=checkpoint_every, resume=resume, max_failures=max_failures,
-                           use_gpu=gpu, progress=not no_progress, evaluate=not no_eval, eval_limit=eval_limit)
+                           use_gpu=gpu, progress=not no_progress, evaluate=not no_eval, eval_limit=eval_limit,
+                           placement=placement, resize_interval_s=resize_interval)
     cache = Path(teacher_cache) if teacher_cache else run / "teacher_cache"
     try:
         run_stages(stages, run, recipe, make_data_fn(data, teacher, cache), options, echo=click.echo)

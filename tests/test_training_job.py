@@ -9,68 +9,27 @@ exports the final student.
 """
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-
+from ray_nodes import RAY, ray_head
 from training_checks import stage_records
 from training_rows import prepare_run, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
 STEPS, EVERY = 30, 3
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head_node():
-    """(job server URL, env) of a fresh `ray start --head --block`, killed with its process group."""
-    port, dash = _free_port(), _free_port()
-    # every port of our own: other Ray clusters may run on this machine with the defaults taken
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-        "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    temp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # Ray 2.60: the first local ray.init() writes ~/.ray/auth_token, after which `ray start --head`
-    # turns token auth on while the `ray job` CLI stays in mode 'disabled' and is refused; say "token"
-    # on both sides explicitly.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         "--include-dashboard=true", "--num-cpus=8", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 180
-        while subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True).returncode:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the head node's job server did not come up in 180 s"
-            time.sleep(2)
-        yield url, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """(job server URL, env) of a fresh `ray start --head --block` (tests/ray_nodes.py)."""
+    with ray_head(num_cpus=8) as head:
+        yield head["dashboard"], head["env"]
 
 
 def _existing_run(tmp: Path) -> tuple[Path, Path]:

@@ -7,11 +7,12 @@ import torch
 from actors import columns as C
 from actors.collate import pad_collate
 from actors.recipe import LossSpec, OptimSpec, StageSpec
+from student.training.checkpoint import TrainState, resume_message
 from student.training.deepspeed_config import deepspeed_config
 from student.training.job import total_steps
 from student.training.metrics import format_summary, summarize
 from student.training.schedule import lr_at
-from student.training.trainer import Workers, parse_workers
+from student.training.trainer import Workers, parse_workers, worker_resources
 from student.training.worker import fresh_batches
 
 
@@ -41,6 +42,29 @@ def test_workers_flag():
     for bad in ("0", "3:2", "a", "1:b"):
         with pytest.raises(ValueError, match="--workers"):
             parse_workers(bad)
+
+
+def test_worker_resources_follow_the_pool_and_the_gpu_flag():
+    assert worker_resources(False, {"CPU": 8}) == {"CPU": 1.0}
+    # a cluster with the student pool: one unit per worker, so Ray Train counts workers by the pool
+    assert worker_resources(False, {"CPU": 8, "student_gpu": 2}) == {"CPU": 1.0, "student_gpu": 1.0}
+    # the GPU follows --gpu, never the cluster (Ray Train refuses a GPU in a CPU run's resources)
+    assert worker_resources(False, {"CPU": 8, "GPU": 4, "student_gpu": 4}) == {"CPU": 1.0, "student_gpu": 1.0}
+    assert worker_resources(True, {"CPU": 8, "GPU": 4, "student_gpu": 4}) == {"CPU": 1.0, "GPU": 1.0,
+                                                                             "student_gpu": 1.0}
+    assert worker_resources(False, {"CPU": 8}, placement="require") == {"CPU": 1.0, "student_gpu": 1.0}
+    assert worker_resources(False, {"CPU": 8, "student_gpu": 2}, placement="off") == {"CPU": 1.0}
+
+
+def test_resume_message_says_whether_the_resume_is_full_or_weights_only():
+    saved = TrainState(step=30, epoch=0, world_size=1, global_batch=4)
+    assert resume_message("init", saved, 1, 4, 4) == (
+        "[init] resume from the checkpoint of step 30: full engine state, world 1")
+    grown = resume_message("init", saved, 2, 4, 4)
+    assert "world size changed 1 -> 2: weights-only resume from the checkpoint of step 30" in grown
+    assert grown.endswith("global batch 4 -> 4")
+    odd = resume_message("init", TrainState(step=6, world_size=2, global_batch=6), 4, 8, 6)
+    assert odd.endswith("global batch 6 -> 8 (recipe: 6, not divisible by 4 workers)")
 
 
 def test_step_budget():

@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-__all__ = ["TrainState", "save_checkpoint", "restore_checkpoint", "staging_dir", "DS_TAG"]
+__all__ = ["DS_TAG", "TrainState", "restore_checkpoint", "resume_message", "save_checkpoint", "staging_dir"]
 
 DS_TAG = "ds"
 
@@ -77,7 +77,8 @@ def save_checkpoint(engine, state: TrainState, rank: int, metrics: dict) -> None
 
 
 def restore_checkpoint(engine, checkpoint, world_size: int) -> tuple[TrainState, bool]:
-    """(state, weights_only) from a Ray checkpoint; loads the engine in place."""
+    """(the state as saved, weights_only) from a Ray checkpoint; loads the engine in place: whole at
+    the saved world size, module weights only at another one."""
     with checkpoint.as_directory() as d:
         d = Path(d)
         meta = json.loads((d / "train_state.json").read_text())
@@ -90,6 +91,18 @@ def restore_checkpoint(engine, checkpoint, world_size: int) -> tuple[TrainState,
         else:
             engine.load_checkpoint(str(d), tag=DS_TAG, load_module_only=True, load_optimizer_states=False,
                                    load_lr_scheduler_states=False)
-    state = TrainState(step=meta["step"], epoch=meta["epoch"], world_size=world_size,
+    state = TrainState(step=meta["step"], epoch=meta["epoch"], world_size=meta["world_size"],
                        global_batch=meta["global_batch"], consumed=consumed)
     return state, not same
+
+
+def resume_message(stage: str, saved: TrainState, world_size: int, global_batch: int, recipe_batch: int) -> str:
+    """The log line of a resume: full, or weights-only after a change of world size (and the global
+    batch before and after; it differs from the recipe's when the world size does not divide it)."""
+    if saved.world_size == world_size:
+        return f"[{stage}] resume from the checkpoint of step {saved.step}: full engine state, world {world_size}"
+    note = "" if global_batch == recipe_batch else f" (recipe: {recipe_batch}, not divisible by {world_size} workers)"
+    return (f"[{stage}] world size changed {saved.world_size} -> {world_size}: weights-only resume from the "
+            f"checkpoint of step {saved.step} (module weights loaded, Adam moments restart from zero; step "
+            f"counter, LR schedule and consumed samples continue); global batch {saved.global_batch} -> "
+            f"{global_batch}{note}")

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from actors.recipe import Recipe
 from student.training.job import StageJob
 from student.training.metrics import format_summary
 from student.training.stage_model import check_student_tokenizer, stage_output_dir
-from student.training.trainer import Workers, run_stage
+from student.training.trainer import RESIZE_INTERVAL_S, Workers, run_stage
 
-__all__ = ["PIPELINES", "FINAL_STAGES", "TrainOptions", "run_stages", "export_student"]
+__all__ = ["FINAL_STAGES", "PIPELINES", "TrainOptions", "export_student", "run_stages"]
 
 PIPELINES = {"llava-mod": ("teacher", "init", "d2d", "d2s", "preference"), "llava-kd": ("dpt", "sft", "dft")}
 FINAL_STAGES = ("preference", "dft")
@@ -36,6 +36,8 @@ class TrainOptions:
     progress: bool = True
     evaluate: bool = False  # evaluate after every stage (RUN/eval/) and write RUN/report.md at the end
     eval_limit: int | None = 900  # test records per evaluation (900 = 100 images, every task type)
+    placement: str = "auto"  # the student_gpu pool: auto (when the cluster has it), require, off
+    resize_interval_s: float = RESIZE_INTERVAL_S  # elastic runs: how often Ray Train looks for more room
 
 
 def export_student(run_dir: Path, stage: str) -> Path:
@@ -87,7 +89,7 @@ def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: 
              f"{'' if not options.workers.elastic else f'-{options.workers.max}'} workers, ZeRO-{options.zero_stage}")
         t0 = time.time()
         run_stage(job, dataset, workers=options.workers, max_failures=options.max_failures, resume=options.resume,
-                  ledger=ledger)
+                  ledger=ledger, placement=options.placement, resize_interval_s=options.resize_interval_s)
         summary_path = run_dir / "stages" / stage / "summary.json"
         summaries[stage] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         summaries[stage]["fit_s"] = time.time() - t0

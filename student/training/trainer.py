@@ -14,7 +14,17 @@ from pathlib import Path
 
 from student.training.job import StageJob
 
-__all__ = ["Workers", "parse_workers", "run_stage", "stage_run_name", "ensure_ray"]
+__all__ = [
+    "RESIZE_INTERVAL_S",
+    "Workers",
+    "ensure_ray",
+    "parse_workers",
+    "run_stage",
+    "stage_run_name",
+    "worker_resources",
+]
+
+RESIZE_INTERVAL_S = 60.0  # Ray Train's default elastic_resize_monitor_interval_s
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,17 @@ def parse_workers(text: str | int) -> Workers:
     if not 1 <= w.min <= w.max:
         raise ValueError(f"--workers: need 1 <= MIN <= MAX, got {text!r}")
     return w
+
+
+def worker_resources(use_gpu: bool, cluster_resources=None, placement: str = "auto") -> dict[str, float]:
+    """`resources_per_worker` of a student's Train worker: one CPU (and one GPU with --gpu), plus one
+    unit of the `student_gpu` pool where the cluster has it (`student.cluster_resources`), so students
+    stay in their pool and off the teacher's nodes. The GPU follows --gpu, not the cluster: Ray Train
+    refuses a GPU in `resources_per_worker` of a CPU run."""
+    from student.cluster_resources import student_resources
+
+    pool = {k: v for k, v in student_resources(cluster_resources, placement=placement).items() if k != "GPU"}
+    return {"CPU": 1.0, **({"GPU": 1.0} if use_gpu else {}), **pool}
 
 
 def stage_run_name(run_dir: Path, stage: str, resume: bool) -> str:
@@ -84,12 +105,23 @@ def ensure_ray(num_cpus: int | None = None) -> str:
 
 
 def run_stage(job: StageJob, dataset, *, workers: Workers = Workers(2, 2), max_failures: int = 1,
-              resume: bool = False, run_name: str | None = None, ledger=None):
+              resume: bool = False, run_name: str | None = None, ledger=None, placement: str = "auto",
+              resize_interval_s: float = RESIZE_INTERVAL_S):
     """Train one stage on `dataset` (a Ray Dataset of annotated rows); returns Ray's Result.
 
     The stage's HF checkpoint is at `stage_output_dir(run_dir, stage)` when this returns.
+    Elastic (`workers.min < workers.max`): Ray Train starts once MIN workers fit, asks for MAX, and
+    every `resize_interval_s` while training checks whether more fit; if so it restarts the worker
+    group at the larger size from the last checkpoint (a weights-only resume, see checkpoint.py).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from student.training.worker import train_loop
@@ -101,7 +133,9 @@ def run_stage(job: StageJob, dataset, *, workers: Workers = Workers(2, 2), max_f
         train_loop_config={"job": job, "ledger": ledger},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers.scaling(), use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": 1, **({"GPU": 1} if job.use_gpu else {})}),
+                                     resources_per_worker=worker_resources(job.use_gpu, ray.cluster_resources(),
+                                                                           placement),
+                                     elastic_resize_monitor_interval_s=resize_interval_s),
         run_config=RunConfig(name=name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),

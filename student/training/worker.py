@@ -8,6 +8,7 @@ and at the end; then rank 0 exports the stage's HF checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,12 @@ import torch
 
 from actors import columns as C
 from actors.collate import pad_collate
-from student.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
+from student.training.checkpoint import (
+    TrainState,
+    restore_checkpoint,
+    resume_message,
+    save_checkpoint,
+)
 from student.training.deepspeed_config import deepspeed_config
 from student.training.job import StageJob, total_steps
 from student.training.metrics import MetricsLogger, summarize
@@ -26,7 +32,7 @@ from student.training.schedule import lr_at
 from student.training.stage_model import stage_output_dir, stage_start_model
 from student.training.step import StepContext, stage_step
 
-__all__ = ["train_loop", "fresh_batches"]
+__all__ = ["fresh_batches", "train_loop"]
 
 
 def _take(batch: dict, keep: np.ndarray) -> dict:
@@ -175,10 +181,14 @@ def train_loop(config: dict) -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
 
     state = TrainState(world_size=world, global_batch=global_batch)
-    weights_only = False
+    weights_only, resumed_from = False, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state, weights_only = restore_checkpoint(engine, checkpoint, world)
+        saved, weights_only = restore_checkpoint(engine, checkpoint, world)
+        resumed_from = {"step": saved.step, "world_size": saved.world_size, "global_batch": saved.global_batch}
+        if rank == 0:
+            print(resume_message(job.stage, saved, world, global_batch, spec.batch_size), flush=True)
+        state = dataclasses.replace(saved, world_size=world, global_batch=global_batch)
     saved_step = state.step if checkpoint is not None else -1
 
     logger = MetricsLogger(run_dir, job.stage, steps, start_step=state.step, enabled=rank == 0,
@@ -224,7 +234,7 @@ def train_loop(config: dict) -> None:
             logged = _reduce_metrics(logged, world)
             tokens = logged.pop("tokens")
             last_loss = logged["loss/total"]
-            logger.log(state.step, {"epoch": state.epoch, "lr": optimizer.param_groups[0]["lr"],
+            logger.log(state.step, {"epoch": state.epoch, "world_size": world, "lr": optimizer.param_groups[0]["lr"],
                                     "tokens_per_s": tokens / max(dt, 1e-9), **logged})
             if job.checkpoint_every and state.step % job.checkpoint_every == 0 and state.step < steps:
                 save_checkpoint(engine, state, rank, {"loss": last_loss})
@@ -252,7 +262,8 @@ def train_loop(config: dict) -> None:
 
         summary = summarize(logger.records, wall)
         summary.update(setup_s=setup_s, entered_at=t_enter, finished_at=time.time(), world_size=world, micro_batch=micro, zero_stage=job.zero_stage, total_steps=steps,
-                       resumed_weights_only=weights_only, output=str(out), samples=sample_summary(stage_dir))
+                       resumed_weights_only=weights_only, resumed_from=resumed_from, output=str(out),
+                       samples=sample_summary(stage_dir))
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.close()
