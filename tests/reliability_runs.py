@@ -14,10 +14,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def d2d_recipe_file(path: Path, *, rows: tuple[int, int] = (10, 34), batch_size: int = 4) -> Path:
     """datasets/shapes.yaml with a 12-image world and a d2d stage of exactly `rows` (captions, QA)
-    source rows, one epoch, global batch `batch_size`; written as YAML (what `python -m student.train --recipe` reads)."""
+    source rows, one epoch, global batch `batch_size`; written as YAML (what `python -m student.train --recipe` reads).
+    Short single-turn rows (not the recipe's chats) keep the teacher's share of a test small."""
     recipe = yaml.safe_load((REPO / "datasets" / "shapes.yaml").read_text())
     recipe["world"].update(size=12, seed=7)
     d2d = copy.deepcopy(recipe["stages"]["d2d"])
+    d2d["sources"] = [{"name": "shapes-captions", "format": "shapes", "path": "${world}", "split": "train",
+                       "tasks": ["caption"]},
+                      {"name": "shapes-qa", "format": "shapes", "path": "${world}", "split": "train",
+                       "tasks": ["vqa", "pope"]}]
     for source, n in zip(d2d["sources"], rows):  # weights = sizes: every row once a pass, no mixing copies
         source.update(max_rows=n, weight=float(n))
     d2d.update(batch_size=batch_size, epochs=1.0)

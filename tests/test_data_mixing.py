@@ -59,9 +59,12 @@ def test_sources_normalise_llava_and_rlaif_records(tmp_path):
 def test_shapes_sources_filter_tasks(shapes_world):
     recipe = load_recipe("datasets/shapes.yaml")
     d2d = recipe.stages["d2d"]
-    tables = {s.name: load_source(s, {"world": str(shapes_world)}) for s in d2d.sources}
-    assert set(tables["shapes-captions"]["task"].to_pylist()) == {"caption"}
-    assert set(tables["shapes-qa"]["task"].to_pylist()) <= {"vqa", "pope"}
+    chats = load_source(d2d.sources[0], {"world": str(shapes_world)})
+    assert set(chats["task"].to_pylist()) == {"chat"} and all(len(m) > 2 for m in chats["messages"].to_pylist())
+    tables = {s.name: load_source(s, {"world": str(shapes_world)}) for s in recipe.stages["dft"].sources}
+    assert set(tables["shapes-all"]["task"].to_pylist()) == {"caption", "vqa", "pope"}
+    assert set(load_source(recipe.stages["init"].sources[0], {"world": str(shapes_world)})["task"].to_pylist()) == {
+        "caption"}
     pref = load_source(recipe.stages["preference"].sources[0], {"world": str(shapes_world)})
     assert set(pref["task"].to_pylist()) == {"preference"} and all(pref["chosen"].to_pylist())
     with pytest.raises(ValueError, match=r"\$\{world\} is not set"):

@@ -88,7 +88,9 @@ def test_parameter_report_by_hand(shapes_tokenizer):
     assert r["active"] == d["total"] + len(moe_layers) * (ffn + 4 * H)
     assert r["language_model"] - d["language_model"] == r["total"] - d["total"]
     assert (r["vision"], r["projector"]) == (d["vision"], d["projector"])
-    assert d["language_model"] == 2 * V * H + H + L * (4 * H * H - 2 * H * 64 + 2 * H + 64 + ffn)  # GQA k/v: 64 wide
+    q, kv, hd = p.student.num_heads * p.student.head_dim, p.student.num_kv_heads * p.student.head_dim, p.student.head_dim
+    attention = 2 * H * q + 2 * H * kv + 2 * hd  # q, o; k, v (GQA); q_norm and k_norm over head_dim
+    assert d["language_model"] == 2 * V * H + H + L * (attention + 2 * H + ffn)  # embeddings, lm_head, final norm
 
 
 def test_load_teacher_is_frozen_and_loads_moe_on_grouped_mm(tmp_path, shapes_tokenizer):

@@ -11,7 +11,7 @@ from model_inputs import image_text_batch
 
 @pytest.fixture(scope="module")
 def moe(shapes_tokenizer):
-    return upcycle(build_student(get_preset("tiny"), shapes_tokenizer), 4, 2, layers="every_other", router_std=0.5)
+    return upcycle(build_student(get_preset("tiny"), shapes_tokenizer), 4, 2, layers="all", router_std=0.5)
 
 
 def test_per_layer_load_sums_to_one_and_losses_match_the_shared_formulas(moe, shapes_tokenizer):
@@ -20,9 +20,9 @@ def test_per_layer_load_sums_to_one_and_losses_match_the_shared_formulas(moe, sh
     with RouterRecorder(moe) as rec:
         moe(**b)
         st = rec.stats(token_mask=b["attention_mask"])
-    assert [s.layer for s in st.layers] == [0, 2] and (st.num_experts, st.top_k) == (4, 2)
+    assert [s.layer for s in st.layers] == [0, 1] and (st.num_experts, st.top_k) == (4, 2)
     tokens = b["input_ids"].numel()
-    logits = [rec.logits[i] for i in (0, 2)]
+    logits = [rec.logits[i] for i in (0, 1)]
     assert all(lg.shape == (tokens, 4) for lg in logits)
     for s, lg in zip(st.layers, logits):
         assert s.expert_fraction.shape == (4,)
@@ -58,7 +58,7 @@ def test_aux_loss_keeps_its_graph_so_routers_train(moe, shapes_tokenizer):
         moe(**image_text_batch(shapes_tokenizer))
         st = rec.stats()
     (st.aux_loss + st.z_loss).backward()
-    for i in (0, 2):
+    for i in (0, 1):
         assert moe.model.language_model.layers[i].mlp.gate.weight.grad.abs().sum() > 0
     moe.zero_grad(set_to_none=True)
 
