@@ -3,8 +3,8 @@ student's training step, one thread each, measured in the same run.
 
 Preprocessing is exactly what one actor of the Ray Data pool runs (`actors.preprocess.Preprocessor
 .process`: decode + resize the image with the model's processor, chat template, tokenization with
-offsets, image-token expansion, labels and masks) on the shapes world's d2s mixture (captions and
-VQA/POPE, mixed by the recipe's weights). Training is the dense tiny student's forward + backward +
+offsets, image-token expansion, labels and masks) on the rows of the recipe's d2s stage (the
+world's multi-turn chats, one per image, ~270 tokens each). Training is the dense tiny student's forward + backward +
 AdamW step on the same rows padded per batch (`pad_collate`), CE on the response (the cheapest
 real stage: a sparse student or a KD loss only makes training slower, so the ratio only grows).
 
@@ -12,7 +12,7 @@ Rounds alternate between the two so noise from other processes on the shared cor
 each reports the median over rounds. Prints ONE JSON line; the goal is ratio >= 2 (one preprocessing
 actor feeds at least two training workers' worth of rows).
 
-    .venv/bin/python bench/preprocess_vs_train.py [--rows 128] [--batch-size 32] [--rounds 5]
+    .venv/bin/python bench/preprocess_vs_train.py [--rows 128] [--batch-size 16] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=128, help="rows preprocessed per round")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16, help="the d2s stage's batch in datasets/shapes.yaml")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--world-size", type=int, default=40, help="images in the generated shapes world")
+    ap.add_argument("--world-size", type=int, default=200, help="images in the generated shapes world")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 

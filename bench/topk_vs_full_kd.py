@@ -2,8 +2,9 @@
 
 In process, plain torch, one thread, the project's own pieces: a generated shapes world (rows by
 the data plane's functions, bench/_shapes.py), the `tiny` teacher with its vision tower pretrained on
-per-cell labels (student.vision_pretrain) and then trained with the teacher stage's CE objective
-(student.training.step.stage_step), and two students from the same seed (fresh `tiny` LLM + the
+per-cell labels (student.vision_pretrain) and then trained like the recipe's teacher stage (CE on the
+world's multi-turn chats, its batch size and learning rate, student.training.step.stage_step), and
+two students from the same seed (fresh `tiny` LLM + the
 teacher's tower, d2d trainable set) trained on the same batches in the same order with the same
 optimizer, differing only in the teacher signal of `student.losses.kd_loss` (forward KL at the
 response positions, LLaVA-MoD's mimic distillation without CE):
@@ -37,8 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world-size", type=int, default=400, help="images of the generated world")
     ap.add_argument("--vision-steps", type=int, default=300)
-    ap.add_argument("--teacher-steps", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=300, help="student steps (each arm)")
+    ap.add_argument("--teacher-steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=200, help="student steps (each arm)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--eval-limit", type=int, default=400, help="test records per evaluation")
@@ -71,12 +72,15 @@ def main() -> None:
     processor = build_processor(tok, preset.vision.image_size, preset.vision.patch_size)
     vocab = len(tok)
     ctx = StepContext(vocab_size=vocab, image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
-    rows = _shapes.world_rows(world, processor)
+    rows = _shapes.world_rows(world, processor)  # the d2d stage's tasks: caption, vqa, pope
+    chats = _shapes.world_rows(world, processor, tasks=("chat",))  # the teacher stage's multi-turn chats
 
-    def batches(n_steps: int, seed: int):
-        order = np.random.default_rng(seed).permutation(np.arange(n_steps * a.batch_size) % len(rows))
+    def batches(pool: list[dict], n_steps: int, size: int, seed: int):
+        """n_steps batches of `size` rows: epochs of `pool` in one seeded order (same for both arms)."""
+        order = np.concatenate([np.random.default_rng(seed + e).permutation(len(pool))
+                                for e in range(n_steps * size // len(pool) + 1)])
         for s in range(n_steps):
-            yield [rows[i] for i in order[s * a.batch_size:(s + 1) * a.batch_size]]
+            yield [pool[i] for i in order[s * size:(s + 1) * size]]
 
     # 1. The teacher: vision tower on per-cell labels, then CE on the world's answers.
     teacher = build_teacher(preset, tok, seed=a.seed)
@@ -90,7 +94,7 @@ def main() -> None:
     apply_trainable(teacher, "teacher")
     opt = torch.optim.AdamW([p for p in teacher.parameters() if p.requires_grad], lr=spec.optim.lr)
     t0 = time.perf_counter()
-    for batch_rows in batches(a.teacher_steps, a.seed + 1):
+    for batch_rows in batches(chats, a.teacher_steps, spec.batch_size, a.seed + 1):
         loss, _ = stage_step(teacher, _shapes.collate(batch_rows, ctx.pad_token_id), "teacher", LossSpec(ce=1.0), ctx)
         loss.backward()
         opt.step()
@@ -127,7 +131,7 @@ def main() -> None:
         apply_trainable(student, "d2d")
         opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=spec.optim.lr)
         t0 = time.perf_counter()
-        for batch_rows in batches(a.steps, a.seed + 2):
+        for batch_rows in batches(rows, a.steps, a.batch_size, a.seed + 2):
             b = _shapes.collate(batch_rows, ctx.pad_token_id)
             hidden = forward_hidden(student, b[C.INPUT_IDS], b[C.ATTENTION_MASK], b[C.PIXEL_VALUES])
             resp = select_mask("response", labels=b[C.LABELS], attention_mask=b[C.ATTENTION_MASK])
@@ -167,6 +171,7 @@ def main() -> None:
         "preset": "tiny",
         "world_images": a.world_size,
         "train_rows": len(rows),
+        "teacher_chat_rows": len(chats),
         "test_records": len(test),
         "vocab_size": vocab,
         "top_k": a.top_k,
