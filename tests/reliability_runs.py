@@ -3,7 +3,6 @@ stage of a few dozen rows, and the dense student d2d starts from (RUN/stages/ini
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -58,29 +57,7 @@ def other_tokenizer():
     return build_tokenizer(corpus=["a large red circle at the top left", "what colour is the square?"] * 20)
 
 
-def stage_records(run: Path, stage: str) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["stage"] == stage]
-
-
 def cli_env(address: str) -> dict:
     env = dict(os.environ, RAY_ADDRESS=address, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
-
-
-def train_workers() -> list:
-    """Ray Train worker processes of *this* test session: descendants of this process (the local Ray's
-    raylet is our child), named by Ray's process title. Never anyone else's on a shared machine."""
-    import psutil
-
-    found = []
-    for p in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found

@@ -8,7 +8,6 @@ restarts the worker group from the last *registered* checkpoint: the stage resum
 previous save with the full engine state, never from the half-saved one, trains every sample of
 the epoch exactly once, and the killed save's staging folder is gone at the end.
 """
-import json
 import os
 import signal
 import threading
@@ -16,33 +15,18 @@ import time
 
 import pytest
 
-from reliability_runs import stage_records, train_workers
+from training_checks import registered_checkpoints, stage_experiment, stage_records, train_workers
 from training_rows import in_memory, prepare_run, tiny_recipe
 
 STAGE, STEPS, EVERY = "init", 16, 2
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _experiment(run):
-    record = run / "stages" / STAGE / "run.json"
-    return run / "ray" / json.loads(record.read_text())["name"] if record.exists() else None
-
-
-def _registered(experiment) -> dict[str, int]:
-    """{checkpoint folder: step} of the checkpoints Ray Train's controller has registered."""
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
-    except ValueError:  # being written
-        return {}
-    return {r["checkpoint_dir_name"]: int(r["metrics"]["step"]) for r in results}
-
-
 def _kill_during_save(run, done: threading.Event, seen: dict) -> None:
     workers = []
     while not done.is_set():
-        experiment = _experiment(run)
-        registered = _registered(experiment) if experiment is not None else {}
+        experiment = stage_experiment(run, STAGE)
+        registered = registered_checkpoints(run, STAGE)
         if registered:
             workers = workers or train_workers()
             fresh = [d for d in experiment.glob("checkpoint_*") if d.is_dir() and d.name not in registered]
@@ -70,13 +54,13 @@ def test_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, ray_clus
                              TrainOptions(checkpoint_every=EVERY, max_failures=1, progress=False))[STAGE]
     finally:
         done.set()
-    experiment = _experiment(run)
+    experiment = stage_experiment(run, STAGE)
     complete = sorted(str(p.relative_to(d)) for d in experiment.glob("checkpoint_*")
-                      if d.is_dir() and d.name in _registered(experiment) for p in d.rglob("*") if p.is_file())
+                      if d.is_dir() and d.name in registered_checkpoints(run, STAGE) for p in d.rglob("*") if p.is_file())
     steps = [r["step"] for r in stage_records(run, STAGE)]
     print(f"\nkilled worker {seen.get('pid')} while {seen.get('unregistered')} was being saved "
           f"({len(seen.get('files_at_kill', []))} files there at the kill; a registered checkpoint has "
-          f"{len(complete) // max(1, len(_registered(experiment)))}); last registered step "
+          f"{len(complete) // max(1, len(registered_checkpoints(run, STAGE)))}); last registered step "
           f"{seen.get('last_registered_step')}; steps {steps}; {time.time() - t0:.1f}s")
 
     assert seen, "no checkpoint save was caught in progress"
@@ -87,7 +71,7 @@ def test_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, ray_clus
     assert resumed_at == seen["last_registered_step"] + 1
     assert steps[restarts[0]:] == list(range(resumed_at, STEPS + 1))
     assert not summary["resumed_weights_only"]  # the previous checkpoint loaded whole: weights and Adam moments
-    assert seen["unregistered"] not in _registered(experiment)  # never became a checkpoint Ray would load
+    assert seen["unregistered"] not in registered_checkpoints(run, STAGE)  # never became a checkpoint Ray would load
     # every sample of the epoch trained on exactly once, across the two attempts
     counts = sample_counts(effective_steps(read_lines(run / "stages" / STAGE)[0]))
     assert list(counts) == [0] and len(counts[0]) == 4 * STEPS and set(counts[0].values()) == {1}

@@ -28,8 +28,8 @@ from reliability_runs import (
     d2d_recipe_file,
     other_tokenizer,
     prepare_d2d_run,
-    stage_records,
 )
+from training_checks import stage_records
 
 APP = "reliability-teacher"
 MAX_ONGOING, MAX_QUEUED = 4, 8  # the queue bound; annotators keep <= 8 requests in flight per actor

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_nodes import ray_head, ray_worker_node
+from training_checks import registered_checkpoints
 from training_rows import prepare_run, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,19 +51,6 @@ def _records(run: Path) -> list[dict]:
     return out
 
 
-def _registered_steps(run: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train's controller has registered for the stage's run."""
-    record = run / "stages" / STAGE / "run.json"
-    if not record.exists():
-        return []
-    snapshot = run / "ray" / json.loads(record.read_text())["name"] / "checkpoint_manager_snapshot.json"
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
-    except (ValueError, KeyError):  # being written
-        return []
-    return [int(r["metrics"]["step"]) for r in results]
-
-
 def _watch(run: Path, done: threading.Event, seen: dict) -> None:
     """Until the first 2-worker step: the last registered checkpoint (what a restart loads) and when
     the first step at each world size was logged."""
@@ -72,7 +60,7 @@ def _watch(run: Path, done: threading.Event, seen: dict) -> None:
             seen.setdefault(f"first_step_at_world{rec['world_size']}", (rec["step"], time.time()))
         if any(r["world_size"] == 2 for r in recs):
             return
-        steps = _registered_steps(run)
+        steps = registered_checkpoints(run, STAGE).values()
         if steps:
             seen["last_registered"] = max(seen.get("last_registered", 0), max(steps))
         time.sleep(0.05)

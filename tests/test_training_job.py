@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ray_nodes import RAY, ray_head
-from training_checks import stage_records
+from training_checks import registered_checkpoints, stage_records
 from training_rows import prepare_run, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,17 +64,6 @@ def _submit(url: str, env: dict, args: list[str], *, wait: bool, sid: str) -> su
         time.sleep(3)
 
 
-def _registered(run: Path) -> int:
-    record = run / "stages" / "preference" / "run.json"
-    if not record.exists():
-        return 0
-    snap = run / "ray" / json.loads(record.read_text())["name"] / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snap.read_text())["checkpoint_results"]) if snap.exists() else 0
-    except (ValueError, KeyError):
-        return 0
-
-
 def test_job_submit_preference_then_resume_at_another_world_size(head_node, tmp_path, ray_cluster):
     # ray_cluster: the session's own local Ray, only to write the Parquet rows (never the head node)
     url, env = head_node
@@ -85,7 +74,7 @@ def test_job_submit_preference_then_resume_at_another_world_size(head_node, tmp_
     first = _submit(url, env, [*common, "--workers", "2"], wait=False, sid=f"pref-a-{os.getpid()}")
     assert first.returncode == 0, first.stderr
     deadline = time.time() + 300
-    while not _registered(run):
+    while not registered_checkpoints(run, "preference"):
         assert time.time() < deadline, "no checkpoint registered by the first job in 300 s"
         time.sleep(0.5)
     stop = subprocess.run([RAY, "job", "stop", "--address", url, f"pref-a-{os.getpid()}"], env=env,

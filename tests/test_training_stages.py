@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from training_checks import diff_by_trainability, params, stage_records
+from training_checks import diff_by_trainability, params, registered_checkpoints, stage_records, train_workers
 from training_rows import in_memory, prepare_run, tiny_recipe
 
 KD, MOD = ("dpt", "sft", "dft"), ("init", "d2d", "d2s", "preference")
@@ -25,43 +25,14 @@ KILL_STEPS = 40  # the stage whose worker is killed runs longer, so the kill lan
 pytestmark = pytest.mark.slow
 
 
-def _train_workers() -> list:
-    """Ray Train worker processes of *this* test session: descendants of this process (the local Ray's
-    raylet is our child), named by Ray's process title. Never anyone else's on a shared machine."""
-    import psutil
-
-    found = []
-    for p in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _registered_checkpoints(run, stage: str) -> int:
-    """Checkpoints Ray Train's controller has registered for the stage's current run. It picks up a
-    reported checkpoint at its next poll of the workers (every 2 s by default); a failure before that
-    restarts from the previous one."""
-    record = run / "stages" / stage / "run.json"
-    if not record.exists():
-        return 0
-    snapshot = run / "ray" / json.loads(record.read_text())["name"] / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) if snapshot.exists() else 0
-    except ValueError:  # being written
-        return 0
-
-
 def _kill_worker_when(run, stage: str, last_step: int, done: threading.Event, killed: dict) -> None:
     """SIGKILL one Ray Train worker once `stage` has a registered checkpoint and is before `last_step`."""
     metrics = run / "metrics.jsonl"
     while not done.is_set():
-        if metrics.exists() and _registered_checkpoints(run, stage):
+        if metrics.exists() and registered_checkpoints(run, stage):
             steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if f'"stage": "{stage}"' in x]
             if steps and max(steps) < last_step:
-                workers = _train_workers()
+                workers = train_workers()
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     killed.update(pid=workers[-1].pid, step=max(steps))
