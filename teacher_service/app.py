@@ -156,19 +156,24 @@ class TeacherDeployment:
         self.backend.score([make_request(ids, positions=[len(ids) - 1], pixel_values=pv, top_k=1)])
 
     async def __call__(self, request: ScoreRequest) -> ScoreResponse:
+        return await self._answer(request, prepared=False)
+
+    async def _answer(self, request: ScoreRequest, *, prepared: bool) -> ScoreResponse:
+        """Validate and prepare the request (unless score_many already did), then join a batch."""
         self._stats["requests"] += 1
         self._in_flight += 1  # the replica's memory bound: Serve admits at most max_ongoing_requests calls
         self._stats["peak_in_flight"] = max(self._stats["peak_in_flight"], self._in_flight)
         try:
-            try:
-                validate(request, self.limits, self.info)
-                if request.images:  # decoding is per request: a corrupt image fails only its own request
-                    request = await asyncio.to_thread(self.backend.prepare, request, self.limits)
-                else:
-                    request = self.backend.prepare(request, self.limits)
-            except Exception:
-                self._stats["rejected"] += 1
-                raise
+            if not prepared:
+                try:
+                    validate(request, self.limits, self.info)
+                    if request.images:  # decoding is per request: a corrupt image fails only its own request
+                        request = await asyncio.to_thread(self.backend.prepare, request, self.limits)
+                    else:
+                        request = self.backend.prepare(request, self.limits)
+                except Exception:
+                    self._stats["rejected"] += 1
+                    raise
             return await self.score_batch(request)
         finally:
             self._in_flight -= 1
@@ -180,20 +185,21 @@ class TeacherDeployment:
         n = len(requests) if isinstance(requests, list) else -1
         if not 0 <= n <= self.limits.max_requests_per_call:
             raise TeacherRequestError("requests", f"expected a list of at most {self.limits.max_requests_per_call} requests, got {n if n >= 0 else type(requests).__name__}")
-        # Decode the list's images first, all in one thread hop: requests that finish decoding one by one
-        # trickle into the batch queue and, past batch_wait_timeout_s, split one list into several
+        # Validate and decode the list first, all in one thread hop: requests that finish decoding one by
+        # one trickle into the batch queue and, past batch_wait_timeout_s, split one list into several
         # half-full forwards (measured: 16 requests per forward for lists of 32). A request that fails
-        # here goes on unprepared, so __call__ raises (and counts) its error exactly as before.
-        requests = await asyncio.to_thread(lambda: [self._prepared_or_same(r) for r in requests])
-        out = await asyncio.gather(*(self(r) for r in requests), return_exceptions=True)
+        # here goes on unprepared, so _answer raises (and counts) its error exactly as a single call would.
+        prepared = await asyncio.to_thread(lambda: [self._prepare_or_none(r) for r in requests])
+        out = await asyncio.gather(*(self._answer(r if p is None else p, prepared=p is not None)
+                                     for r, p in zip(requests, prepared)), return_exceptions=True)
         return [x if isinstance(x, ScoreResponse | TeacherError) else TeacherInternalError(f"{type(x).__name__}: {x}") for x in out]
 
-    def _prepared_or_same(self, request):
+    def _prepare_or_none(self, request: ScoreRequest) -> ScoreRequest | None:
         try:
             validate(request, self.limits, self.info)
             return self.backend.prepare(request, self.limits)
-        except Exception:  # noqa: BLE001 - __call__ raises it again for this request alone
-            return request
+        except Exception:  # noqa: BLE001 - _answer raises it again for this request alone
+            return None
 
     @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.01, batch_size_fn=padded_tokens)
     async def score_batch(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:

@@ -162,14 +162,9 @@ class NoopBackend(TeacherBackend):
             image_shape=(3, size, size), pad_token_id=int(tok.pad_token_id or 0), dtype=dtype, device=device)
 
     def prepare(self, request: ScoreRequest, limits) -> ScoreRequest:
-        from dataclasses import replace
+        from teacher_service.backends.base import with_pixel_values
 
-        from teacher_service.backends.base import decode_images
-
-        if not request.images:
-            return request
-        pv = self.processor.image_processor(images=decode_images(request, limits), return_tensors="np")["pixel_values"]
-        return replace(request, images=(), pixel_values=np.ascontiguousarray(pv, dtype=np.float32))
+        return with_pixel_values(request, limits, self.processor.image_processor)
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResponse]:
         info, out = self.info, []

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from teacher_service.errors import TeacherRequestError
 from teacher_service.protocol import Limits, ScoreRequest, ScoreResponse, TeacherInfo
 
-__all__ = ["TeacherBackend", "decode_images"]
+__all__ = ["TeacherBackend", "decode_images", "with_pixel_values"]
 
 
 class TeacherBackend(ABC):
@@ -66,3 +66,16 @@ def decode_images(request: ScoreRequest, limits: Limits) -> list:
         except Exception as e:  # noqa: BLE001 - whatever PIL says, it is this image's fault
             raise TeacherRequestError(name, f"cannot decode image: {type(e).__name__}: {e}") from None
     return pils
+
+
+def with_pixel_values(request: ScoreRequest, limits: Limits, image_processor) -> ScoreRequest:
+    """The request with its encoded images decoded and turned into fp32 pixel_values by the
+    teacher's own image processor: the `prepare` of backends that run the HF model's preprocessing."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    if not request.images:
+        return request
+    pv = image_processor(images=decode_images(request, limits), return_tensors="np")["pixel_values"]
+    return replace(request, images=(), pixel_values=np.ascontiguousarray(pv, dtype=np.float32))

@@ -8,7 +8,6 @@ forward's logits.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_service.backends.base import TeacherBackend, decode_images
+from teacher_service.backends.base import TeacherBackend, with_pixel_values
 from teacher_service.identity import model_id as checkpoint_model_id
 from teacher_service.identity import tokenizer_hash
 from teacher_service.protocol import Limits, ScoreRequest, ScoreResponse, TeacherInfo
@@ -103,11 +102,7 @@ class HFBackend(TeacherBackend):
     # -- per request -------------------------------------------------------------------------
     def prepare(self, request: ScoreRequest, limits: Limits) -> ScoreRequest:
         """Decode encoded images into pixel_values with the teacher's own image processor."""
-        if not request.images:
-            return request
-        pils = decode_images(request, limits)
-        pv = self.processor.image_processor(images=pils, return_tensors="np")["pixel_values"]
-        return replace(request, images=(), pixel_values=np.ascontiguousarray(pv, dtype=np.float32))
+        return with_pixel_values(request, limits, self.processor.image_processor)
 
     # -- batched -----------------------------------------------------------------------------
     def _project(self, rows: torch.Tensor) -> torch.Tensor:
