@@ -45,13 +45,7 @@ def prepare_world(recipe, run_dir: Path) -> Path:
 
 def describe_models(recipe, tokenizer) -> dict:
     """Build the preset's teacher, dense student and upcycled student; report their sizes."""
-    from student.model import (
-        build_student,
-        build_teacher,
-        get_preset,
-        parameter_report,
-        upcycle,
-    )
+    from student.model import build_student, build_teacher, get_preset, parameter_report, upcycle
 
     preset = get_preset(recipe.model.preset)
     teacher = build_teacher(preset, tokenizer, seed=recipe.seed)

@@ -14,15 +14,8 @@ from pathlib import Path
 
 from student.training.job import StageJob
 
-__all__ = [
-    "RESIZE_INTERVAL_S",
-    "Workers",
-    "ensure_ray",
-    "parse_workers",
-    "run_stage",
-    "stage_run_name",
-    "worker_resources",
-]
+__all__ = ["RESIZE_INTERVAL_S", "Workers", "ensure_ray", "parse_workers", "run_stage", "stage_run_name",
+           "worker_resources"]
 
 RESIZE_INTERVAL_S = 60.0  # Ray Train's default elastic_resize_monitor_interval_s
 

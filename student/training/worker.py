@@ -18,12 +18,7 @@ import torch
 
 from actors import columns as C
 from actors.collate import pad_collate
-from student.training.checkpoint import (
-    TrainState,
-    restore_checkpoint,
-    resume_message,
-    save_checkpoint,
-)
+from student.training.checkpoint import TrainState, restore_checkpoint, resume_message, save_checkpoint
 from student.training.deepspeed_config import deepspeed_config
 from student.training.job import StageJob, total_steps
 from student.training.metrics import MetricsLogger, summarize
