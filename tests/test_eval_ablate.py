@@ -1,6 +1,5 @@
 """Ablation scaffolding: arms resolve through the real recipe loader, the plan shares identical runs,
 and the aggregation (mean +- std, verdicts) is right on numbers whose answer is known by hand."""
-import json
 import math
 
 import pytest
