@@ -166,3 +166,25 @@ def test_stage_step_names_missing_teacher_data(setup):
     shrunk["teacher_mask"][0, :] = False  # the teacher scored nothing on row 0
     with pytest.raises(ValueError, match="teacher_positions"):
         stage_step(model, shrunk, "d2d", LossSpec(kd=1.0), ctx)
+
+
+def test_stage_step_skips_terms_weighted_zero(setup):
+    """Ablation arms switch a term off by its weight (Table 6's SFT arm: d2s with kd 0; LLaVA-KD's PT: dpt
+    with CE only); the data plane then annotates nothing for it, so the step must not ask for teacher rows."""
+    from student.losses import ce_loss, select_mask, shift_labels
+    from student.training.step import StepContext, stage_step
+
+    tok, batch, model = setup
+    ctx = StepContext(vocab_size=len(tok), image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id)
+    unannotated = {k: v for k, v in batch.items() if not k.startswith("teacher")}
+    with torch.no_grad():
+        logits = model(input_ids=batch[C.INPUT_IDS], attention_mask=batch[C.ATTENTION_MASK],
+                       pixel_values=batch[C.PIXEL_VALUES]).logits
+        resp = select_mask("response", labels=batch[C.LABELS], attention_mask=batch[C.ATTENTION_MASK])
+        ce = float(ce_loss(logits[resp], shift_labels(batch[C.LABELS])[resp]))
+        for stage, spec in (("d2s", LossSpec(ce=1.0, kd=0.0)), ("dpt", LossSpec(ce=1.0, res=0.0, vis=0.0, rel=0.0))):
+            total, logged = stage_step(model, unannotated, stage, spec, ctx)
+            assert float(total) == pytest.approx(ce, rel=1e-5), stage
+            assert [k for k in logged if k.startswith("loss/")] == ["loss/ce", "loss/total"], stage
+        with pytest.raises(ValueError, match="teacher top-k rows"):  # a weighted term still needs its rows
+            stage_step(model, unannotated, "d2s", LossSpec(ce=1.0, kd=1.0), ctx)

@@ -26,6 +26,7 @@ from torch import Tensor
 from actors import columns as C
 from actors.recipe import LossSpec
 from student.losses import (
+    STAGE_TERMS,
     LossWeights,
     TopKTeacher,
     ce_loss,
@@ -164,7 +165,9 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
     head = _Head(model, ctx)
     if recorder is not None:
         recorder.reset()
+    weights = loss_weights(spec)
     extra: dict[str, Tensor] = {}
+    off: set[str] = set()
     if stage == "preference":
         terms, extra, token_mask = _preference(model, head, batch, spec, ctx)
     else:
@@ -172,18 +175,24 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
         hidden = forward_hidden(model, ids, attn, batch.get(C.PIXEL_VALUES))
         token_mask = attn
         response = select_mask("response", labels=labels, attention_mask=attn)
-        terms = {}
-        if stage in ("teacher", "init", "sft", "d2s", "dpt", "dft"):
+        # A term weighted 0 (an ablation arm: d2s without KL, LLaVA-KD's plain PT) is not computed: the
+        # data plane did not annotate the teacher rows it would need (actors.annotate.annotation_plan).
+        off = {term for term, field in STAGE_TERMS[stage] if getattr(weights, field) == 0}
+        terms = {term: hidden.new_zeros(()) for term in off}
+        if stage in ("teacher", "init", "sft", "d2s", "dpt", "dft") and "ce" not in off:
             terms["ce"] = _ce(head, hidden, batch, response, ctx)
-        if stage in ("d2d", "d2s"):
+        if stage in ("d2d", "d2s") and "kl" not in off:
             kd_mask = select_mask(spec.kd_positions, labels=labels, input_ids=ids, attention_mask=attn,
                                   image_token_id=ctx.image_token_id)
             terms["kl"] = _kd(head, hidden, batch, kd_mask, spec, ctx, "kl")
         if stage in ("dpt", "dft"):
             visual = select_mask("visual", input_ids=ids, attention_mask=attn, image_token_id=ctx.image_token_id)
-            terms["res"] = _kd(head, hidden, batch, response, spec, ctx, "res")
-            terms["vis"] = _kd(head, hidden, batch, visual, spec, ctx, "vis")
-            terms["rel"] = _rel(head, hidden, batch, visual, ctx)
+            if "res" not in off:
+                terms["res"] = _kd(head, hidden, batch, response, spec, ctx, "res")
+            if "vis" not in off:
+                terms["vis"] = _kd(head, hidden, batch, visual, spec, ctx, "vis")
+            if "rel" not in off:
+                terms["rel"] = _rel(head, hidden, batch, visual, ctx)
     router_log: dict[str, float] = {}
     sparse = recorder is not None and recorder.has_routers
     if sparse:
@@ -193,8 +202,8 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
             router_log[f"router/layer{s.layer}/entropy"] = s.entropy
             for e, f in enumerate(s.expert_fraction.tolist()):
                 router_log[f"router/layer{s.layer}/expert{e}"] = f
-    total, logged = stage_loss(stage, terms, loss_weights(spec), sparse=sparse)
-    metrics = {f"loss/{k}": float(v) for k, v in logged.items()}
+    total, logged = stage_loss(stage, terms, weights, sparse=sparse)
+    metrics = {f"loss/{k}": float(v) for k, v in logged.items() if k not in off}
     metrics.update({k: float(v) for k, v in extra.items()})
     metrics.update(router_log)
     metrics["tokens"] = float(token_mask.sum())  # every non-pad token the forward processed
