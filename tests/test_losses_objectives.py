@@ -60,3 +60,16 @@ def test_errors():
         stage_loss("sft", {"ce": torch.zeros(2)})
     with pytest.raises(ValueError, match="LossWeights.rel"):
         LossWeights(rel=-1.0)
+
+
+def test_a_term_weighted_zero_is_switched_off():
+    from student.losses import active_terms
+
+    assert active_terms("d2s", LossWeights(kd=0.0)) == ("ce",)
+    assert active_terms("dpt", LossWeights(res=0.0, vis=0.0, rel=0.0)) == ("ce",)
+    total, logged = stage_loss("d2s", _terms("ce"), LossWeights(kd=0.0))
+    assert total.item() == pytest.approx(2.0) and set(logged) == {"ce", "total"}
+    with pytest.raises(ValueError, match="does not use"):  # computed for nothing: still an error
+        stage_loss("d2s", _terms("ce", "kl"), LossWeights(kd=0.0))
+    with pytest.raises(ValueError, match="weighted 0"):
+        active_terms("d2d", LossWeights(kd=0.0))

@@ -3,7 +3,7 @@ from .chunked import IGNORE_INDEX, ce_loss, chunked_loss, chunked_row_values
 from .dpo import DPO_KINDS, dpo_loss, sequence_logps
 from .kd import KD_KINDS, FullTeacher, Teacher, TopKTeacher, divergence, kd_loss
 from .moe_aux import expert_load, load_balancing_loss, router_z_loss
-from .objectives import STAGE_TERMS, LossWeights, stage_loss
+from .objectives import STAGE_TERMS, LossWeights, active_terms, stage_loss
 from .positions import MASK_KINDS, select_mask, shift_labels
 from .rdist import rdist_loss, relation_matrix
 
@@ -25,6 +25,7 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "STAGE_TERMS",
+    "active_terms",
     "LossWeights",
     "stage_loss",
     "MASK_KINDS",

@@ -11,6 +11,8 @@
 Terms are the already-reduced scalar losses (e.g. "kl" and "res" both come from kd_loss, at the
 response positions; "vis" at the visual positions; "rel" from rdist_loss). A missing or unexpected
 term is an error: a term computed but silently dropped (or a forgotten aux loss) is a quiet bug.
+A term weighted 0 is switched off (an ablation arm: d2s without KL, LLaVA-KD's plain PT): the stage
+neither needs nor takes it, so nothing annotates, computes or logs it (`active_terms`).
 The field names match `actors.recipe.LossSpec`, so a recipe's loss block maps onto LossWeights.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-__all__ = ["STAGE_TERMS", "LossWeights", "stage_loss"]
+__all__ = ["STAGE_TERMS", "LossWeights", "active_terms", "stage_loss"]
 
 # stage -> (term name, weight field) pairs
 STAGE_TERMS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -54,6 +56,16 @@ class LossWeights:
                 raise ValueError(f"LossWeights.{name}: must be a number >= 0, got {value!r}")
 
 
+def active_terms(stage: str, weights: LossWeights = LossWeights()) -> tuple[str, ...]:
+    """The terms of `stage` that `weights` does not switch off (weight 0), in STAGE_TERMS order."""
+    if stage not in STAGE_TERMS:
+        raise ValueError(f"stage: unknown {stage!r}; valid stages: {', '.join(STAGE_TERMS)}")
+    active = tuple(t for t, f in STAGE_TERMS[stage] if getattr(weights, f) != 0)
+    if not active:
+        raise ValueError(f"weights: every term of stage {stage!r} is weighted 0; nothing to train")
+    return active
+
+
 def stage_loss(
     stage: str,
     terms: Mapping[str, Tensor],
@@ -61,9 +73,9 @@ def stage_loss(
     sparse: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(total, logged) for one stage. logged holds each raw term and "total", detached."""
-    if stage not in STAGE_TERMS:
-        raise ValueError(f"stage: unknown {stage!r}; valid stages: {', '.join(STAGE_TERMS)}")
-    used = list(STAGE_TERMS[stage]) + ([("aux", "aux")] if sparse else [])
+    active = active_terms(stage, weights)
+    used = [(t, f) for t, f in STAGE_TERMS[stage] if t in active]
+    used += [("aux", "aux")] if sparse else []
     names = {t for t, _ in used}
     missing = sorted(names - set(terms))
     if missing:

@@ -26,9 +26,9 @@ from torch import Tensor
 from actors import columns as C
 from actors.recipe import LossSpec
 from student.losses import (
-    STAGE_TERMS,
     LossWeights,
     TopKTeacher,
+    active_terms,
     ce_loss,
     dpo_loss,
     kd_loss,
@@ -167,7 +167,6 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
         recorder.reset()
     weights = loss_weights(spec)
     extra: dict[str, Tensor] = {}
-    off: set[str] = set()
     if stage == "preference":
         terms, extra, token_mask = _preference(model, head, batch, spec, ctx)
     else:
@@ -175,24 +174,24 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
         hidden = forward_hidden(model, ids, attn, batch.get(C.PIXEL_VALUES))
         token_mask = attn
         response = select_mask("response", labels=labels, attention_mask=attn)
-        # A term weighted 0 (an ablation arm: d2s without KL, LLaVA-KD's plain PT) is not computed: the
+        # A term weighted 0 (an ablation arm: d2s without KL, LLaVA-KD's plain PT) is switched off: the
         # data plane did not annotate the teacher rows it would need (actors.annotate.annotation_plan).
-        off = {term for term, field in STAGE_TERMS[stage] if getattr(weights, field) == 0}
-        terms = {term: hidden.new_zeros(()) for term in off}
-        if stage in ("teacher", "init", "sft", "d2s", "dpt", "dft") and "ce" not in off:
+        active = active_terms(stage, weights)
+        terms = {}
+        if "ce" in active:
             terms["ce"] = _ce(head, hidden, batch, response, ctx)
-        if stage in ("d2d", "d2s") and "kl" not in off:
+        if "kl" in active:
             kd_mask = select_mask(spec.kd_positions, labels=labels, input_ids=ids, attention_mask=attn,
                                   image_token_id=ctx.image_token_id)
             terms["kl"] = _kd(head, hidden, batch, kd_mask, spec, ctx, "kl")
-        if stage in ("dpt", "dft"):
+        if "vis" in active or "rel" in active:
             visual = select_mask("visual", input_ids=ids, attention_mask=attn, image_token_id=ctx.image_token_id)
-            if "res" not in off:
-                terms["res"] = _kd(head, hidden, batch, response, spec, ctx, "res")
-            if "vis" not in off:
-                terms["vis"] = _kd(head, hidden, batch, visual, spec, ctx, "vis")
-            if "rel" not in off:
-                terms["rel"] = _rel(head, hidden, batch, visual, ctx)
+        if "res" in active:
+            terms["res"] = _kd(head, hidden, batch, response, spec, ctx, "res")
+        if "vis" in active:
+            terms["vis"] = _kd(head, hidden, batch, visual, spec, ctx, "vis")
+        if "rel" in active:
+            terms["rel"] = _rel(head, hidden, batch, visual, ctx)
     router_log: dict[str, float] = {}
     sparse = recorder is not None and recorder.has_routers
     if sparse:
@@ -203,7 +202,7 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
             for e, f in enumerate(s.expert_fraction.tolist()):
                 router_log[f"router/layer{s.layer}/expert{e}"] = f
     total, logged = stage_loss(stage, terms, weights, sparse=sparse)
-    metrics = {f"loss/{k}": float(v) for k, v in logged.items() if k not in off}
+    metrics = {f"loss/{k}": float(v) for k, v in logged.items()}
     metrics.update({k: float(v) for k, v in extra.items()})
     metrics.update(router_log)
     metrics["tokens"] = float(token_mask.sum())  # every non-pad token the forward processed
