@@ -188,3 +188,20 @@ def test_stage_step_skips_terms_weighted_zero(setup):
             assert [k for k in logged if k.startswith("loss/")] == ["loss/ce", "loss/total"], stage
         with pytest.raises(ValueError, match="teacher top-k rows"):  # a weighted term still needs its rows
             stage_step(model, unannotated, "d2s", LossSpec(ce=1.0, kd=1.0), ctx)
+
+
+def test_a_stage_with_every_term_weighted_zero_fails_before_ray():
+    """An all-zero stage would train nothing; run_stages refuses it before starting any Ray work."""
+    from dataclasses import replace
+
+    from actors.recipe import load_recipe
+    from student.train import DEFAULT_RECIPE
+    from student.training.pipeline import check_stage_losses, run_stages
+
+    recipe = load_recipe(DEFAULT_RECIPE)
+    check_stage_losses(("init", "d2d", "d2s", "preference"), recipe)  # the shipped recipe passes
+    d2s = recipe.stages["d2s"]
+    off = replace(recipe, stages={**recipe.stages, "d2s": replace(d2s, loss=replace(d2s.loss, ce=0.0, kd=0.0))})
+    check_stage_losses(("init", "d2d"), off)  # a stage not run is not checked
+    with pytest.raises(ValueError, match=r"recipe stage 'd2s': .*every term of stage 'd2s' is weighted 0"):
+        run_stages(("init", "d2s"), "/nonexistent-run", off, data_fn=None)

@@ -57,12 +57,26 @@ def export_student(run_dir: Path, stage: str) -> Path:
 DataFn = Callable[[Recipe, str, Path], tuple]
 
 
+def check_stage_losses(stages, recipe: Recipe) -> None:
+    """Fail before any Ray work when a stage to run has every loss term weighted 0 (nothing to train)."""
+    from student.losses import active_terms
+    from student.training.step import loss_weights
+
+    for stage in stages:
+        try:
+            if stage in recipe.stages:  # a stage the recipe lacks fails later with its own message
+                active_terms(stage, loss_weights(recipe.stages[stage].loss))
+        except ValueError as e:
+            raise ValueError(f"recipe stage {stage!r}: {e}") from None
+
+
 def run_stages(stages, run_dir: Path, recipe: Recipe, data_fn: DataFn, options: TrainOptions = TrainOptions(),
                echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Train `stages` in order; returns {stage: summary}. A stage already finished in this run
     directory (its run.json says so and its checkpoint exists) is skipped when resuming."""
     import ray.data
 
+    check_stage_losses(stages, recipe)
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per stage is ours
     run_dir = Path(run_dir).resolve()
     summaries = {}
