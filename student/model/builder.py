@@ -36,6 +36,7 @@ __all__ = [
     "build_processor",
     "copy_vision_tower",
     "padded_vocab_size",
+    "seeded",
 ]
 
 
@@ -99,7 +100,7 @@ def llava_config(vision: VisionSpec, llm: LLMSpec, tokenizer, vocab_multiple: in
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
+def seeded(seed: int | None):
     """Seed weight init without disturbing the caller's global RNG stream."""
     if seed is None:
         yield
@@ -119,7 +120,7 @@ def build_llava(
     seed: int | None = 0,
 ) -> LlavaForConditionalGeneration:
     cfg = llava_config(vision, llm, tokenizer, vocab_multiple)
-    with _seeded(seed):
+    with seeded(seed):
         model = LlavaForConditionalGeneration(cfg)
     return model.to(dtype)
 

@@ -23,10 +23,10 @@ from transformers import (
     LlavaProcessor,
 )
 
-from student.model.builder import _seeded
+from student.model.builder import seeded
 from student.model.upcycle import is_moe
 
-__all__ = ["load_model", "load_teacher", "assemble_student", "ensure_grouped_mm"]
+__all__ = ["load_model", "load_teacher", "assemble_student", "ensure_grouped_mm", "tokenizer_with_image_token"]
 
 IMAGE_TOKEN = "<image>"
 
@@ -62,7 +62,7 @@ def _vision_tower(path: str | Path, dtype):
     return vcfg, tower
 
 
-def _tokenizer_with_image_token(path: str | Path):
+def tokenizer_with_image_token(path: str | Path):
     """The LLM's tokenizer with a named `image_token` (added as '<image>' when absent), persisted on save."""
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if getattr(tok, "image_token", None) is None:
@@ -89,7 +89,7 @@ def assemble_student(
     specialised to the contrastive head. A tokenizer without an image token gets '<image>' added; the
     embeddings grow only if the tokenizer then outgrows them (Qwen's padded vocab usually has room).
     """
-    tokenizer = _tokenizer_with_image_token(tokenizer_path or llm_path)
+    tokenizer = tokenizer_with_image_token(tokenizer_path or llm_path)
     image_token, image_token_id = tokenizer.image_token, tokenizer.image_token_id
 
     vcfg, tower = _vision_tower(vision_path, dtype)
@@ -108,7 +108,7 @@ def assemble_student(
         vision_feature_select_strategy="full" if siglip else "default",  # SigLIP has no CLS token
         tie_word_embeddings=bool(llm.config.tie_word_embeddings),
     )
-    with _seeded(seed):
+    with seeded(seed):
         model = LlavaForConditionalGeneration(cfg)
     model = model.to(dtype)
     model.model.vision_tower.load_state_dict(tower.state_dict())

@@ -116,9 +116,9 @@ def stage_tokenizer(stage: str, run_dir: Path, recipe: Recipe):
     if prev is not None:
         src = _need(stage_output_dir(run_dir, prev), f"the {prev!r} stage's checkpoint (input of {stage!r})")
     elif stage != "teacher" and recipe.model.student_llm:
-        from student.model.loading import _tokenizer_with_image_token
+        from student.model.loading import tokenizer_with_image_token
 
-        return _tokenizer_with_image_token(recipe.model.student_llm)  # as assemble_student builds it
+        return tokenizer_with_image_token(recipe.model.student_llm)  # as assemble_student builds it
     elif stage != "teacher":
         src = _need(teacher_dir(run_dir, recipe), "the teacher checkpoint (run --stage teacher, or set model.teacher)")
     else:
