@@ -33,6 +33,9 @@ def test_every_arm_resolves_and_varies_only_what_the_paper_varies():
     dpt = arm_recipe(BASE, kd_arms["DPT+SFT"]).stages["dpt"].loss
     assert (dpt.res, dpt.vis, dpt.rel) == (1.0, 1.0, 0.5)
     assert kd_arms["PT+DFT"].skip == ("sft",) and kd_arms["PT+DFT"].evaluated_stage == "dft"
+    matched = arm_recipe(BASE, kd_arms["DPT+SFT, SFT 2x"]).stages
+    three = arm_recipe(BASE, kd_arms["DPT+SFT+DFT"]).stages
+    assert matched["sft"].max_steps == three["sft"].max_steps + three["dft"].max_steps  # step-matched control
 
 
 def test_a_misspelt_override_fails_naming_it():
