@@ -57,16 +57,28 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextmanager
 def ray_head(*, num_cpus: int, resources: dict | None = None, env: dict | None = None):
     """A `ray start --head --block` node with its dashboard (job server, state API). Yields
-    {"address": GCS address, "dashboard": URL, "env": env} once its job server answers."""
+    {"address": GCS address, "dashboard": URL, "env": env} once its job server answers.
+
+    A head that exits while starting is started once more on fresh ports: the ports come from
+    free_port(), which another process can take between our probe and Ray's bind. (A head exited so once
+    in a full-suite run, cause unseen then; its output is now part of the error.)"""
     env = env or ray_env()
-    port, dash = free_port(), free_port()
-    args = ["--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true", f"--ray-client-server-port={free_port()}"]
-    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
-    with _node(args, num_cpus, resources, env) as proc:
-        _wait(proc, lambda: subprocess.run([RAY, "job", "list", "--address", info["dashboard"]], env=env,
-                                           capture_output=True).returncode == 0)
-        yield info
+    for attempt in (1, 2):
+        port, dash = free_port(), free_port()
+        args = ["--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true", f"--ray-client-server-port={free_port()}"]
+        info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        with _node(args, num_cpus, resources, env) as proc:
+            try:
+                _wait(proc, lambda: subprocess.run([RAY, "job", "list", "--address", info["dashboard"]], env=env,
+                                                   capture_output=True).returncode == 0)
+            except NodeExited as e:
+                if attempt == 2:
+                    raise
+                print(f"ray_head: retrying on fresh ports after: {e}", file=sys.stderr)
+                continue
+            yield info
+            return
 
 
 @contextmanager
@@ -96,17 +108,27 @@ def _node(args: list[str], num_cpus: int, resources: dict | None, env: dict):
            "--object-store-memory=200000000", *_own_ports(), *args]
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(os.path.join(temp, "ray-start.log"), "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log.name  # read by _wait when the node dies while starting
     try:
         yield proc
     finally:
         _stop(proc)
+        log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+class NodeExited(AssertionError):
+    """A `ray start --block` process ended before its node was ready."""
 
 
 def _wait(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not ready():
-        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        if proc.poll() is not None:
+            with open(proc.log_path) as f:
+                tail = f.read()[-3000:]
+            raise NodeExited(f"ray start exited with {proc.returncode}; its output ends:\n{tail}")
         assert time.time() < deadline, f"the Ray node did not come up in {timeout:.0f} s"
         time.sleep(1)
