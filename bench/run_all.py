@@ -8,8 +8,9 @@ only add noise). A bench that fails or prints no JSON line is reported as
     .venv/bin/python bench/run_all.py [--only teacher_batching moe_vs_dense] [--skip vllm_parity] [--timeout 1800]
                                       [--with-demo]
 
-`demo_wall_time` (P6: the whole embedded default, ~10 minutes, meaningless on busy cores) runs only
-with --with-demo or MOD_DISTILL_BENCH_DEMO=1 (or when named in --only).
+`demo_wall_time` (P6: the whole embedded default, ~10 minutes, meaningless on busy cores) and
+`teacher_position_probe` (a research probe of the teacher's reading, ~5 minutes) run only with
+--with-demo or MOD_DISTILL_BENCH_DEMO=1 (or when named in --only).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-OPT_IN = ("demo_wall_time",)  # benches that run only when asked for
+OPT_IN = ("demo_wall_time", "teacher_position_probe")  # benches that run only when asked for
 NEEDS = {"vllm_parity": BENCH.parent / ".venv-vllm" / "bin" / "python"}  # skipped (not failed) when absent
 
 
