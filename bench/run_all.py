@@ -9,7 +9,7 @@ only add noise). A bench that fails or prints no JSON line is reported as
                                       [--with-demo]
 
 `demo_wall_time` (P6: the whole embedded default, ~10 minutes, meaningless on busy cores) and
-`teacher_position_probe` (a research probe of the teacher's reading, ~5 minutes) run only with
+`teacher_position_probe` (a research probe of the teacher's reading, ~3 minutes) run only with
 --with-demo or MOD_DISTILL_BENCH_DEMO=1 (or when named in --only).
 """
 from __future__ import annotations
