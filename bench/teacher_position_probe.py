@@ -17,7 +17,6 @@ points on the position questions: compare variants over several seeds.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import random
@@ -35,25 +34,22 @@ from torch import nn  # noqa: E402
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 
 
-def encode(tok, messages, n_img: int, layout_ids: list[list[int]] | None):
-    """ids, labels of a conversation (the data plane's encoding); with `layout_ids`, each image token is
-    preceded by its cell's name (one image token per cell)."""
-    from actors.preprocess import encode_conversation
+def with_cell_names(row: dict, names: list[list[int]], image_token_id: int) -> dict:
+    """A data-plane row with each image token preceded by its cell's name (one image token per cell);
+    the probe reads ids, labels, attention and pixels only, so the other masks are dropped."""
+    from actors import columns as C
 
-    e = encode_conversation(tok, messages, image_token_id=tok.image_token_id, image_seq_length=n_img,
-                            num_images=1, max_length=4096)
-    ids, labels = e.input_ids.tolist(), e.labels.tolist()
-    if layout_ids is None:
-        return ids, labels
-    out_ids, out_labels, cell = [], [], 0
-    for i, l in zip(ids, labels):
-        if i == tok.image_token_id:
-            out_ids += layout_ids[cell]
-            out_labels += [-100] * len(layout_ids[cell])
+    ids, labels, cell = [], [], 0
+    for i, l in zip(row[C.INPUT_IDS].tolist(), row[C.LABELS].tolist()):
+        if i == image_token_id:
+            ids += names[cell]
+            labels += [C.IGNORE_INDEX] * len(names[cell])
             cell += 1
-        out_ids.append(i)
-        out_labels.append(l)
-    return out_ids, out_labels
+        ids.append(i)
+        labels.append(l)
+    return {C.ID: row[C.ID], C.TASK: row[C.TASK], C.SUBTASK: row[C.SUBTASK], C.PIXEL_VALUES: row[C.PIXEL_VALUES],
+            C.INPUT_IDS: np.asarray(ids, np.int32), C.LABELS: np.asarray(labels, np.int32),
+            C.ATTENTION_MASK: np.ones(len(ids), np.int8)}
 
 
 def main() -> None:
@@ -75,9 +71,10 @@ def main() -> None:
     a = ap.parse_args()
 
     import pyarrow.parquet as pq
-    from PIL import Image
     from transformers import LlavaForConditionalGeneration
 
+    from actors import columns as C
+    from bench._shapes import collate, world_rows
     from actors.shapes.tokenizer import load_tokenizer
     from student.model.builder import build_processor, llava_config
     from student.model.presets import get_preset
@@ -110,9 +107,12 @@ def main() -> None:
             raise SystemExit(f"--layout words needs one image token per cell: --patch-size {vision.image_size // 3}")
         layout_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in CELLS]
 
-    train = pq.read_table(world / "train").to_pylist()
-    chats = [r for r in train if r["task"] == "chat"]
-    val = [r for r in pq.read_table(world / "val").to_pylist() if r["task"] in ("caption", "vqa", "pope")]
+    chats = [r for r in pq.read_table(world / "train").to_pylist() if r["task"] == "chat"]  # + per-cell labels
+    train = world_rows(world, proc, split="train", tasks=("chat",))
+    val = world_rows(world, proc, split="val", tasks=("caption", "vqa", "pope"))
+    if layout_ids is not None:
+        train, val = ([with_cell_names(r, layout_ids, tok.image_token_id) for r in rows] for rows in (train, val))
+    objects = {r["id"]: sum(r["cell_present"]) for r in pq.read_table(world / "val", columns=["id", "cell_present"]).to_pylist()}
     tower = model.model.vision_tower
     if a.position_init_std is not None:
         with torch.no_grad():
@@ -128,25 +128,9 @@ def main() -> None:
         model.register_parameter("position_code", code)
         model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: out + code)
 
-    pixels: dict = {}
-
-    def pix(r):
-        if r["image_id"] not in pixels:
-            img = Image.open(io.BytesIO(r["image"])).convert("RGB")
-            pixels[r["image_id"]] = torch.from_numpy(ip(images=[img], return_tensors="np")["pixel_values"][0])
-        return pixels[r["image_id"]]
-
-    enc_train = [encode(tok, r["messages"], n_img, layout_ids) for r in chats]
-    enc_val = [encode(tok, r["messages"][:2], n_img, layout_ids) for r in val]
-
-    def batch(rows, enc):
-        T = max(len(i) for i, _ in enc)
-        ids = torch.full((len(enc), T), tok.pad_token_id)
-        lab = torch.full((len(enc), T), -100)
-        att = torch.zeros((len(enc), T), dtype=torch.long)
-        for j, (i, l) in enumerate(enc):
-            ids[j, :len(i)], lab[j, :len(l)], att[j, :len(i)] = torch.tensor(i), torch.tensor(l), 1
-        return ids, att, lab, torch.stack([pix(r) for r in rows])
+    def batch(rows):
+        b = collate(rows, tok.pad_token_id)
+        return b[C.INPUT_IDS], b[C.ATTENTION_MASK], b[C.LABELS], b[C.PIXEL_VALUES]
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
@@ -155,8 +139,7 @@ def main() -> None:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
     t0 = time.time()
     for _ in range(a.steps):
-        idx = random.sample(range(len(chats)), a.batch_size)
-        ids, att, lab, px = batch([chats[i] for i in idx], [enc_train[i] for i in idx])
+        ids, att, lab, px = batch(random.sample(train, a.batch_size))
         loss = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab).loss
         opt.zero_grad()
         loss.backward()
@@ -170,17 +153,16 @@ def main() -> None:
     hits: dict[str, list[bool]] = {}
     with torch.no_grad():
         for s in range(0, len(pick), 64):
-            b = pick[s:s + 64]
-            ids, att, lab, px = batch([val[i] for i in b], [enc_val[i] for i in b])
+            b = [val[i] for i in pick[s:s + 64]]
+            ids, att, lab, px = batch(b)
             pred = model(input_ids=ids, attention_mask=att, pixel_values=px).logits[:, :-1].argmax(-1)
             tgt = lab[:, 1:]
             ok = ((pred == tgt) | (tgt == -100)).all(1)
-            for j, i in enumerate(b):
-                r = val[i]
-                kind = r["subtask"] if r["task"] == "vqa" else r["task"]
-                hits.setdefault(kind, []).append(bool(ok[j]))
-                if r["task"] == "vqa":
-                    hits.setdefault(f"{kind}@{sum(r['cell_present'])}", []).append(bool(ok[j]))
+            for r, hit in zip(b, ok.tolist()):
+                kind = r[C.SUBTASK] if r[C.TASK] == "vqa" else r[C.TASK]
+                hits.setdefault(kind, []).append(hit)
+                if r[C.TASK] == "vqa":
+                    hits.setdefault(f"{kind}@{objects[r[C.ID]]}", []).append(hit)
     acc = {k: round(100 * float(np.mean(v)), 1) for k, v in sorted(hits.items())}
     print(json.dumps({"bench": "teacher_position_probe", "args": {k: str(v) for k, v in vars(a).items()},
                       "vision_pretrain_s": round(vision_s, 1), "train_s": round(train_s, 1),
