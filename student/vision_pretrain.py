@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-__all__ = ["VisionPretrainConfig", "LABELS", "cell_targets", "pretrain_vision_tower", "probe_accuracy"]
+__all__ = ["VisionPretrainConfig", "LABELS", "cell_targets", "patch_features", "position_code", "pretrain_vision_tower",
+           "probe_accuracy"]
 
 # label column -> number of classes (-1 in the data = no object in that cell: ignored)
 LABELS = {"cell_present": 2, "cell_shape": 4, "cell_colour": 6, "cell_size": 2}
@@ -32,6 +33,12 @@ class VisionPretrainConfig:
     lr: float = 2e-3
     seed: int = 0
     cell_index: bool = True  # also predict which of the 9 cells a patch is in (position, for "where is X?")
+    # Reserve the last `position_dims` features for a fixed code of the patch's cell, `position_scale`
+    # times as loud as the content features: position in dimensions of its own, which a small LM reads
+    # far sooner than position mixed into the content (docs/training.md, "Where the position gets lost").
+    position_dims: int = 0
+    position_scale: float = 1.0
+    position_weight: float = 1.0  # of the position code's MSE against the heads' cross-entropies
 
 
 def _pixels(images: list[bytes], image_mean, image_std) -> torch.Tensor:
@@ -55,6 +62,17 @@ def cell_targets(rows: list[dict], patches_per_side: int) -> dict[str, torch.Ten
         out[name] = cells[:, cell_of_patch]
     out["cell"] = cell_of_patch.unsqueeze(0).expand(len(rows), -1)
     return out
+
+
+def position_code(dims: int) -> torch.Tensor:
+    """[9, dims]: each cell's row one-hot then column one-hot (how the world names a cell: "top left"),
+    tiled to `dims`, centred, scaled to unit RMS."""
+    rows = torch.arange(GRID * GRID) // GRID
+    cols = torch.arange(GRID * GRID) % GRID
+    onehot = torch.cat([F.one_hot(rows, GRID), F.one_hot(cols, GRID)], dim=1).float()  # [9, 6]
+    code = onehot.repeat(1, -(-dims // onehot.shape[1]))[:, :dims]
+    code = code - code.mean(0, keepdim=True)
+    return code / code.pow(2).mean().sqrt().clamp_min(1e-6)
 
 
 def _features(tower: nn.Module, pixel_values: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -86,9 +104,13 @@ def pretrain_vision_tower(
     torch.manual_seed(cfg.seed)
     hidden = tower.config.hidden_size
     side = tower.config.image_size // tower.config.patch_size
-    heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in LABELS.items()})
+    content = hidden - cfg.position_dims  # the heads read the features before the position code
+    if content <= 0:
+        raise ValueError(f"position_dims {cfg.position_dims} must leave some of the tower's {hidden} features")
+    heads = nn.ModuleDict({k: nn.Linear(content, n) for k, n in LABELS.items()})
     if cfg.cell_index:
-        heads["cell"] = nn.Linear(hidden, GRID * GRID)
+        heads["cell"] = nn.Linear(content, GRID * GRID)
+    code = position_code(cfg.position_dims)
     params = list(tower.parameters()) + list(heads.parameters())
     for p in tower.parameters():
         p.requires_grad_(True)
@@ -106,7 +128,10 @@ def pretrain_vision_tower(
         for name, head in heads.items():
             y = targets[name][idx]
             keep = y >= 0
-            loss = loss + F.cross_entropy(head(h)[keep], y[keep])
+            loss = loss + F.cross_entropy(head(h[..., :content])[keep], y[keep])
+        if cfg.position_dims:  # the target follows the content's loudness, so no absolute scale to tune
+            loud = h[..., :content].detach().pow(2).mean().sqrt() * cfg.position_scale
+            loss = loss + cfg.position_weight * F.mse_loss(h[..., content:] / loud, code[targets["cell"][idx]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,16 +141,22 @@ def pretrain_vision_tower(
     return {"steps": cfg.steps, "seconds": round(seconds, 2), "loss": float(loss.detach()), "heads": heads}
 
 
+def patch_features(tower: nn.Module, images: list[dict], *, image_mean, image_std) -> torch.Tensor:
+    """[B, P, H]: the tower's output per patch (what Llava's projector receives) for rows with "image"."""
+    side = tower.config.image_size // tower.config.patch_size
+    return _features(tower, _pixels([r["image"] for r in images], image_mean, image_std), side * side)
+
+
 @torch.no_grad()
 def probe_accuracy(tower: nn.Module, heads: nn.ModuleDict, images: list[dict], *, image_mean, image_std) -> dict[str, float]:
     """Per-patch accuracy of the pretraining heads on held-out images (the tower's report card)."""
     side = tower.config.image_size // tower.config.patch_size
-    pix = _pixels([r["image"] for r in images], image_mean, image_std)
     targets = cell_targets(images, side)
-    h = _features(tower, pix, side * side)
+    h = patch_features(tower, images, image_mean=image_mean, image_std=image_std)
     out = {}
     for name, head in heads.items():
         y = targets[name]
         keep = y >= 0
-        out[name] = float((head(h).argmax(-1)[keep] == y[keep]).float().mean())
+        logits = head(h[..., :head.in_features])
+        out[name] = float((logits.argmax(-1)[keep] == y[keep]).float().mean())
     return out
