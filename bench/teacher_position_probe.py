@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 
 
 def with_cell_names(row: dict, names: list[list[int]], image_token_id: int) -> dict:
@@ -52,6 +51,20 @@ def with_cell_names(row: dict, names: list[list[int]], image_token_id: int) -> d
             C.ATTENTION_MASK: np.ones(len(ids), np.int8)}
 
 
+def word_kind(word: str) -> str:
+    """Which attribute a caption word names: where a wrong caption first goes wrong."""
+    from actors.shapes.tasks import NUMBER_WORDS
+    from actors.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
+
+    word = word.lstrip("Ġ▁ ")  # byte-level BPE's space marker
+    places = {w for p in POSITIONS for w in p.split()}
+    for kind, words in (("count", NUMBER_WORDS), ("colour", COLOUR_NAMES), ("shape", SHAPES), ("size", SIZES),
+                        ("position", places)):
+        if word in words:
+            return kind
+    return "other:" + word
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=Path, default=None, help="a generated shapes world (default: generate 3000 images)")
@@ -65,9 +78,13 @@ def main() -> None:
     ap.add_argument("--feature-layers", default="-1", help="vision_feature_layer: -1, or a list such as 0,-1")
     ap.add_argument("--position-init-std", type=float, default=None, help="re-initialise CLIP's position table")
     ap.add_argument("--position-code-scale", type=float, default=0.0, help="diagnostic hook; 0 = off")
+    ap.add_argument("--position-dims", type=int, default=0, help="tower pretraining: features given to a position code")
+    ap.add_argument("--position-scale", type=float, default=1.0, help="the position code's scale")
+    ap.add_argument("--position-weight", type=float, default=1.0, help="the position code's loss weight")
     ap.add_argument("--layout", choices=("plain", "words"), default="plain")
     ap.add_argument("--eval-records", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=0, help="also print the accuracy every N steps (0: at the end only)")
     a = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -103,9 +120,11 @@ def main() -> None:
     n_img = vision.num_patches
     layout_ids = None
     if a.layout == "words":
-        if n_img != len(CELLS):
+        from actors.shapes.vocab import POSITIONS
+
+        if n_img != len(POSITIONS):
             raise SystemExit(f"--layout words needs one image token per cell: --patch-size {vision.image_size // 3}")
-        layout_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in CELLS]
+        layout_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in POSITIONS]
 
     chats = [r for r in pq.read_table(world / "train").to_pylist() if r["task"] == "chat"]  # + per-cell labels
     train = world_rows(world, proc, split="train", tasks=("chat",))
@@ -119,7 +138,9 @@ def main() -> None:
             tower.embeddings.position_embedding.weight.normal_(0, a.position_init_std)
     t0 = time.time()
     pretrain_vision_tower(tower, chats, image_mean=ip.image_mean, image_std=ip.image_std,
-                          cfg=VisionPretrainConfig(seed=a.seed), progress=False)
+                          cfg=VisionPretrainConfig(seed=a.seed, position_dims=a.position_dims,
+                                                    position_scale=a.position_scale,
+                                                    position_weight=a.position_weight), progress=False)
     vision_s = time.time() - t0
     for p in tower.parameters():
         p.requires_grad_(False)
@@ -137,8 +158,33 @@ def main() -> None:
     warm = max(1, int(0.05 * a.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
+    pick = random.Random(1).sample(range(len(val)), min(a.eval_records, len(val)))
+
+    @torch.no_grad()
+    def accuracy() -> dict[str, float]:
+        model.eval()
+        hits: dict[str, list[bool]] = {}
+        for s in range(0, len(pick), 64):
+            b = [val[i] for i in pick[s:s + 64]]
+            ids, att, lab, px = batch(b)
+            pred = model(input_ids=ids, attention_mask=att, pixel_values=px).logits[:, :-1].argmax(-1)
+            tgt = lab[:, 1:]
+            wrong = (pred != tgt) & (tgt != -100)
+            for r, miss, t in zip(b, wrong, tgt):
+                kind = r[C.SUBTASK] if r[C.TASK] == "vqa" else r[C.TASK]
+                hits.setdefault(kind, []).append(not miss.any())
+                if r[C.TASK] == "vqa":
+                    hits.setdefault(f"{kind}@{objects[r[C.ID]]}", []).append(not miss.any())
+                elif r[C.TASK] == "caption" and miss.any():  # what the first wrong word of a caption is
+                    word = tok.convert_ids_to_tokens(int(t[miss.nonzero()[0, 0]]))
+                    hits.setdefault(f"caption-miss:{word_kind(word)}", []).append(True)
+        model.train()
+        return {k: (round(100 * float(np.mean(v)), 1) if not k.startswith("caption-miss") else len(v))
+                for k, v in sorted(hits.items())}
+
+    model.train()
     t0 = time.time()
-    for _ in range(a.steps):
+    for step in range(1, a.steps + 1):
         ids, att, lab, px = batch(random.sample(train, a.batch_size))
         loss = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab).loss
         opt.zero_grad()
@@ -146,24 +192,11 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if a.eval_every and step % a.eval_every == 0 and step < a.steps:
+            print(json.dumps({"step": step, "loss": round(loss.item(), 4), "accuracy": accuracy()}), flush=True)
     train_s = time.time() - t0
 
-    model.eval()
-    pick = random.Random(1).sample(range(len(val)), min(a.eval_records, len(val)))
-    hits: dict[str, list[bool]] = {}
-    with torch.no_grad():
-        for s in range(0, len(pick), 64):
-            b = [val[i] for i in pick[s:s + 64]]
-            ids, att, lab, px = batch(b)
-            pred = model(input_ids=ids, attention_mask=att, pixel_values=px).logits[:, :-1].argmax(-1)
-            tgt = lab[:, 1:]
-            ok = ((pred == tgt) | (tgt == -100)).all(1)
-            for r, hit in zip(b, ok.tolist()):
-                kind = r[C.SUBTASK] if r[C.TASK] == "vqa" else r[C.TASK]
-                hits.setdefault(kind, []).append(hit)
-                if r[C.TASK] == "vqa":
-                    hits.setdefault(f"{kind}@{objects[r[C.ID]]}", []).append(hit)
-    acc = {k: round(100 * float(np.mean(v)), 1) for k, v in sorted(hits.items())}
+    acc = accuracy()
     print(json.dumps({"bench": "teacher_position_probe", "args": {k: str(v) for k, v in vars(a).items()},
                       "vision_pretrain_s": round(vision_s, 1), "train_s": round(train_s, 1),
                       "final_loss": round(loss.item(), 4), "accuracy": acc}))
