@@ -34,8 +34,8 @@ class VisionPretrainConfig:
     seed: int = 0
     cell_index: bool = True  # also predict which of the 9 cells a patch is in (position, for "where is X?")
     # Reserve the last `position_dims` features for a fixed code of the patch's cell, `position_scale`
-    # times as loud as the content features: position in dimensions of its own, which a small LM reads
-    # far sooner than position mixed into the content (docs/training.md, "Where the position gets lost").
+    # times as loud as the content features: position in dimensions of its own, which a small LM learns
+    # to read sooner, on most seeds, than position mixed into the content (docs/training.md).
     position_dims: int = 0
     position_scale: float = 1.0
     position_weight: float = 1.0  # of the position code's MSE against the heads' cross-entropies

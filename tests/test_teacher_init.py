@@ -14,6 +14,7 @@ def test_teacher_stage_starts_from_the_pretrained_tower(shapes_world, tmp_path):
     assert out == teacher_init_dir(run) and (out / "config.json").exists()
     report = json.loads((out / "vision_pretrain.json").read_text())
     assert report["steps"] == 20 and set(report["probe_val_accuracy"]) >= {"cell_present", "cell_shape", "cell"}
+    assert report["config"]["position_dims"] == 32 and report["config"]["seed"] == recipe.seed  # tiny tower: 128
     model, _ = stage_start_model("teacher", run, recipe)
     saved = (out / "model.safetensors").stat().st_mtime
     assert prepare_teacher_init(run, recipe, steps=20) == out and (out / "model.safetensors").stat().st_mtime == saved

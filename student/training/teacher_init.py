@@ -7,6 +7,7 @@ workers simply load RUN/stages/teacher/init/ like any other stage input.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from actors.recipe import Recipe
@@ -46,7 +47,8 @@ def prepare_teacher_init(run_dir: Path, recipe: Recipe, *, steps: int = 300, ech
     model = build_teacher(preset, tok, seed=recipe.seed)
     ip = processor.image_processor
     tower = model.model.vision_tower
-    # A quarter of the tower's features carry the patch's cell: "where is X?" went from ~55% to 80-90%.
+    # A quarter of the tower's features carry the patch's cell: lifts "where is X?" on 3 seeds of 4
+    # (docs/training.md, "Position in dimensions of the tower's own").
     cfg = VisionPretrainConfig(steps=steps, seed=recipe.seed, position_dims=tower.config.hidden_size // 4)
     result = pretrain_vision_tower(tower, _world_images(world, "train"), image_mean=ip.image_mean,
                                    image_std=ip.image_std, cfg=cfg)
@@ -55,7 +57,7 @@ def prepare_teacher_init(run_dir: Path, recipe: Recipe, *, steps: int = 300, ech
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    report = {**result, "probe_val_accuracy": {k: round(v, 4) for k, v in probe.items()}}
+    report = {**result, "config": asdict(cfg), "probe_val_accuracy": {k: round(v, 4) for k, v in probe.items()}}
     (out / "vision_pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     echo(f"teacher vision tower pretrained on per-cell labels in {result['seconds']:.1f}s; held-out probe: "
          + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
