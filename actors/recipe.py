@@ -82,6 +82,7 @@ class WorldSpec:
     image_size: int = 48
     patch_size: int = 8
     noisy_rate: float = 0.15
+    chat_turns: int = 6  # turns per training chat (actors.shapes.tasks.chat_records)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def test_contact_sheet(tmp_path):
 
 def test_module_entry_point_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "actors.shapes", "--out", str(tmp_path), "--size", "6",
-                          "--quiet"], capture_output=True, text=True, timeout=120)
+                          "--chat-turns", "100", "--quiet"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "wrote 58 records" in out.stdout  # 6 images x 9 records + one chat per training image (4)
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from actors.schema import RECORD_SCHEMA, check_schema
-from actors.shapes.tasks import NUMBER_WORDS, parse_mentions
+from actors.shapes.tasks import NUMBER_WORDS, caption, parse_mentions
 from actors.shapes.vocab import BACKGROUND, COLOURS, POSITIONS, SHAPES
-from actors.shapes.world import GRID, WorldConfig, combo_prior, object_centre, render, sample_scene
+from actors.shapes.world import GRID, Obj, WorldConfig, combo_prior, object_centre, render, sample_scene
 
 
 def rows(world, split):
@@ -167,26 +167,50 @@ def test_world_config_rejects_bad_values(bad):
 def test_chat_records_hold_every_single_turn_answer_and_true_binding_drills(shapes_world):
     import pyarrow.parquet as pq
 
+    from actors.shapes.tasks import CHAT_TURNS
     from actors.shapes.vocab import POSITIONS
 
     rows = pq.read_table(shapes_world / "train").to_pylist()
     by_image: dict = {}
     for r in rows:
         by_image.setdefault(r["image_id"], []).append(r)
-    assert all(sum(r["task"] == "chat" for r in rs) == 1 for rs in by_image.values())
+    assert all(sum(r["task"] == "chat" for r in rs) >= 2 for rs in by_image.values())
     assert not any(r["task"] == "chat" for r in pq.read_table(shapes_world / "val").to_pylist())
     for rs in list(by_image.values())[:20]:
-        chat = next(r for r in rs if r["task"] == "chat")
-        msgs = chat["messages"]
-        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
-        assert msgs[0]["content"].startswith("<image>") and all("<image>" not in m["content"] for m in msgs[1:])
-        pairs = {(msgs[i]["content"].replace("<image>", ""), msgs[i + 1]["content"]) for i in range(0, len(msgs), 2)}
+        chats = [r for r in rs if r["task"] == "chat"]
+        pairs = []
+        for chat in chats:
+            msgs = chat["messages"]
+            assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+            assert 2 <= len(msgs) // 2 <= CHAT_TURNS
+            assert msgs[0]["content"].startswith("<image>") and all("<image>" not in m["content"] for m in msgs[1:])
+            pairs += [(msgs[i]["content"].replace("<image>", ""), msgs[i + 1]["content"]) for i in range(0, len(msgs), 2)]
+            assert not chat["noisy"] and chat["subtask"] == "clean"
+        assert len({q for q, _ in pairs}) == len(pairs)  # each question asked once per image
+        assert len({len(c["messages"]) for c in chats}) <= 2  # chats as even as can be
         for r in rs:
-            if r["task"] in ("caption", "vqa", "pope"):
+            if r["task"] in ("vqa", "pope") or (r["task"] == "caption" and not r["noisy"]):
                 assert (r["messages"][0]["content"].replace("<image>", ""), r["answer"]) in pairs
-        objects = {o["position"]: o for o in chat["objects"]}
+        true_caption = caption([Obj(o["shape"], o["colour"], o["size"], POSITIONS.index(o["position"]))
+                                for o in chats[0]["objects"]])
+        assert ("Describe the image.", true_caption) in pairs  # the chats' caption is never the noisy one
+        objects = {o["position"]: o for o in chats[0]["objects"]}
         for q, a in pairs:
             if q.startswith("What shape is at the "):
                 assert objects[q[len("What shape is at the "):-1]]["shape"] == a
             if q.startswith("Where is the "):
                 assert a in POSITIONS and a in objects
+
+
+def test_chat_turns_cut_the_same_questions_into_more_chats(tmp_path):
+    from actors.shapes.generate import GenerateConfig, generate_world
+
+    with pytest.raises(ValueError, match="chat_turns"):
+        GenerateConfig(chat_turns=0)
+    counts = {}
+    for turns in (3, 100):
+        generate_world(tmp_path / str(turns), GenerateConfig(size=12, seed=1, chat_turns=turns), progress=False)
+        chats = [r for r in rows(tmp_path / str(turns), "train") if r["task"] == "chat"]
+        counts[turns] = (len(chats), sum(len(c["messages"]) for c in chats))
+    assert counts[100][0] == 10 and counts[3][0] > 2 * counts[100][0]  # one chat per image vs several
+    assert counts[3][1] == counts[100][1]  # the same turns either way

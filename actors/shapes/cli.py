@@ -25,18 +25,20 @@ from actors.shapes.world import WorldConfig
               help="Share of training captions that mention one absent object (val/test stay clean).")
 @click.option("--val-frac", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True))
 @click.option("--test-frac", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True))
+@click.option("--chat-turns", default=6, show_default=True, type=click.IntRange(1, None),
+              help="Turns per training chat (each image's questions, cut into chats of this many).")
 @click.option("--shard-rows", default=20000, show_default=True, type=click.IntRange(1, None))
 @click.option("--contact-sheet", "sheet", default=0, show_default=True, type=click.IntRange(0, 256),
               help="Also write contact_sheet.png with this many sample images and captions.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(out_dir, size, seed, image_size, patch_size, min_objects, max_objects, noisy_rate, val_frac,
-         test_frac, shard_rows, sheet, quiet):
+         test_frac, chat_turns, shard_rows, sheet, quiet):
     """Generate the synthetic shapes world as Parquet shards (train/val/test) plus its tokenizer."""
     try:
         world = WorldConfig(image_size=image_size, patch_size=patch_size, min_objects=min_objects,
                             max_objects=max_objects)
         gen = GenerateConfig(size=size, seed=seed, noisy_rate=noisy_rate, val_frac=val_frac,
-                             test_frac=test_frac, shard_rows=shard_rows)
+                             test_frac=test_frac, shard_rows=shard_rows, chat_turns=chat_turns)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     start = time.perf_counter()

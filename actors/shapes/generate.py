@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from actors.schema import RECORD_SCHEMA, SCHEMA_VERSION
-from actors.shapes.tasks import POPE_KINDS, scene_records
+from actors.shapes.tasks import CHAT_TURNS, POPE_KINDS, scene_records
 from actors.shapes.tokenizer import build_tokenizer, save_tokenizer
 from actors.shapes.world import WorldConfig, cell_labels, combo_prior, png_bytes, render, sample_scene
 
@@ -26,6 +26,7 @@ class GenerateConfig:
     val_frac: float = 0.1
     test_frac: float = 0.1
     shard_rows: int = 20000
+    chat_turns: int = CHAT_TURNS  # turns per training chat (actors.shapes.tasks.chat_records)
 
     def __post_init__(self) -> None:
         if self.size < 3:
@@ -38,6 +39,8 @@ class GenerateConfig:
             )
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}")
+        if self.chat_turns < 1:
+            raise ValueError(f"chat_turns must be >= 1, got {self.chat_turns}")
 
 
 def split_sizes(size: int, val_frac: float, test_frac: float) -> dict[str, int]:
@@ -55,7 +58,7 @@ def image_rows(index: int, split: str, gen: GenerateConfig, world: WorldConfig, 
     objects = [dict(shape=o.shape, colour=o.colour, size=o.size, position=o.position) for o in scene.objects]
     cells = cell_labels(scene)
     recs = scene_records(scene, rng, train=split == "train", noisy_rate=gen.noisy_rate, prior=prior,
-                         pope_kind=POPE_KINDS[index % len(POPE_KINDS)])
+                         pope_kind=POPE_KINDS[index % len(POPE_KINDS)], chat_turns=gen.chat_turns)
     rows = []
     for j, r in enumerate(recs):
         rows.append({
