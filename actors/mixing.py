@@ -6,7 +6,7 @@ small weight is subsampled. Which rows (and how many copies) is decided per row 
 (seed, source, id): no RNG state, and the same rows for the same seed whatever order the sources were read in. The
 epoch's order is a sort on another hash of the same kind.
 A row repeated k times appears as id, id#1, ..., id#(k-1): ids stay unique within an epoch (the
-trainer's resume logic skips consumed ids).
+trainer's resume logic skips consumed ids). `repeat` puts that many copies of the mix in one epoch.
 """
 from __future__ import annotations
 
@@ -63,13 +63,16 @@ def repeat_rows(batch: pa.Table, rate: float, seed: int, source: str) -> pa.Tabl
     return out.append_column(ORDER, pa.array(keys, pa.int64()))
 
 
-def mix_sources(tables: dict[str, pa.Table], weights: dict[str, float], seed: int):
-    """One table mixing `tables` (name -> SOURCE_SCHEMA table) by `weights`, in a seeded order.
+def mix_sources(tables: dict[str, pa.Table], weights: dict[str, float], seed: int, repeat: int = 1):
+    """One table mixing `tables` (name -> SOURCE_SCHEMA table) by `weights`, in a seeded order;
+    `repeat` copies of that mix in one table (rates scaled by it, copies shuffled together).
 
     Returns (table, sizes, rates).
     """
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     sizes = {name: t.num_rows for name, t in tables.items()}
-    rates = mix_rates(sizes, weights)
+    rates = {name: rate * repeat for name, rate in mix_rates(sizes, weights).items()}
     mixed = pa.concat_tables([repeat_rows(t, rates[name], seed, name) for name, t in tables.items()])
     order = np.argsort(mixed[ORDER].to_numpy(), kind="stable")
     return mixed.take(pa.array(order)).drop_columns([ORDER]), sizes, rates

@@ -118,7 +118,7 @@ def build_stage_data(
     if len(set(names)) != len(names):
         raise ValueError(f"stage {stage!r}: source names must be unique, got {names}")
     tables = {s.name: load_source(s, variables) for s in spec.sources}
-    mixed, sizes, rates = mix_sources(tables, {s.name: s.weight for s in spec.sources}, seed)
+    mixed, sizes, rates = mix_sources(tables, {s.name: s.weight for s in spec.sources}, seed, repeat=spec.repeat)
     planned = mixed.num_rows
     step = max(1, config.batch_size * 4)  # blocks of a few batches: actors share the pass evenly
     blocks = [mixed.slice(i, step) for i in range(0, planned, step)] or [mixed]

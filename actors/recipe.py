@@ -71,6 +71,13 @@ class StageSpec:
     batch_size: int = 16
     optim: OptimSpec = field(default_factory=OptimSpec)
     loss: LossSpec = field(default_factory=LossSpec)
+    # Copies of the mix in one pass over the data: each pass starts the data plane's actors afresh
+    # (~12-18 s on 2 cores), so a small dataset seen many times is cheaper as one long pass.
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {self.repeat}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,19 @@ def test_rates_give_each_source_its_weight_of_the_epoch():
     assert copies("x", 1.0, 0, "a") == 1 and copies("x", 3.0, 5, "a") == 3
 
 
+def test_repeat_puts_copies_of_the_mix_in_one_epoch():
+    tables = {"a": _table("a", 50), "b": _table("b", 150)}
+    once, _, rates1 = mix_sources(tables, {"a": 1.0, "b": 3.0}, seed=3)  # one copy of every row
+    thrice, _, rates3 = mix_sources(tables, {"a": 1.0, "b": 3.0}, seed=3, repeat=3)
+    assert rates1 == {"a": 1.0, "b": 1.0} and rates3 == {"a": 3.0, "b": 3.0}
+    assert thrice.num_rows == 3 * once.num_rows == 600
+    ids = thrice["id"].to_pylist()
+    assert len(set(ids)) == len(ids) and {i.split("#")[0] for i in ids} == set(once["id"].to_pylist())
+    assert ids[:200] != once["id"].to_pylist()  # the copies are shuffled together, not appended
+    with pytest.raises(ValueError, match="repeat"):
+        mix_sources(tables, {"a": 1.0, "b": 1.0}, seed=3, repeat=0)
+
+
 def test_mixing_is_deterministic_weighted_and_keeps_ids_unique():
     tables = {"captions": _table("captions", 200), "qa": _table("qa", 1400)}
     mixed, sizes, rates = mix_sources(tables, {"captions": 0.3, "qa": 0.7}, seed=1)
