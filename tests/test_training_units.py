@@ -13,7 +13,7 @@ from student.training.job import total_steps
 from student.training.metrics import format_summary, summarize
 from student.training.schedule import lr_at
 from student.training.trainer import Workers, parse_workers, worker_resources
-from student.training.worker import fresh_batches
+from student.training.worker import fresh_batches, length_buckets
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -88,6 +88,27 @@ def test_fresh_batches_skip_consumed_ids_and_keep_every_other_row_once():
     assert sorted(seen) == sorted(set(ids) - consumed) and len(seen) == len(set(seen))
     assert [len(b[C.ID]) for b in out][:-1] == [4] * (len(out) - 1)
     assert all(list(b["x"]) == [int(i[1:]) for i in b[C.ID]] for b in out)  # columns stay aligned
+
+
+def test_length_buckets_group_rows_of_similar_length_and_keep_every_row_once():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 200, size=64)
+
+    def batches():
+        for s in range(0, 64, 8):
+            yield {C.ID: np.array([f"r{i}" for i in range(s, s + 8)], dtype=object),
+                   C.INPUT_IDS: np.array([np.zeros(n, np.int32) for n in lengths[s:s + 8]] + [None], dtype=object)[:-1]}
+
+    def padded(bs):
+        return sum(len(b[C.ID]) * max(len(x) for x in b[C.INPUT_IDS]) for b in bs)
+
+    plain, grouped = list(batches()), list(length_buckets(batches(), window=4, seed=1))
+    assert sorted(str(i) for b in grouped for i in b[C.ID]) == sorted(str(i) for b in plain for i in b[C.ID])
+    assert [len(b[C.ID]) for b in grouped] == [8] * 8
+    assert all([len(x) for x in b[C.INPUT_IDS]] == [int(lengths[int(str(i)[1:])]) for i in b[C.ID]] for b in grouped)
+    assert padded(grouped) < 0.8 * padded(plain)  # less padding
+    assert [list(b[C.ID]) for b in length_buckets(batches(), window=4, seed=1)] == [list(b[C.ID]) for b in grouped]
+    assert [list(b[C.ID]) for b in length_buckets(batches(), window=1, seed=1)] == [list(b[C.ID]) for b in plain]
 
 
 def test_summary_table():
