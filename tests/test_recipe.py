@@ -55,6 +55,11 @@ def test_wrong_type_and_bad_values_are_named():
     data["stages"]["sft"]["sources"][0]["format"] = "csv"
     with pytest.raises(ValueError, match="format must be one of"):
         parse_recipe(data)
+    for key in ("repeat", "length_window"):
+        data = base()
+        data["stages"]["sft"][key] = 0
+        with pytest.raises(ValueError, match=f"{key} must be >= 1, got 0"):
+            parse_recipe(data)
 
 
 def test_resolve_path(monkeypatch):

@@ -21,7 +21,6 @@ class StageJob:
     use_gpu: bool = False
     progress: bool = True
     shuffle_buffer: int = 256  # rows; local shuffle in each worker, seeded per epoch
-    length_window: int = 8  # micro-batches regrouped by row length (worker.length_buckets); <= 1: off
 
     @property
     def spec(self) -> StageSpec:

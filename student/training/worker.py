@@ -1,8 +1,8 @@
 """The Ray Train worker loop of one stage: a DeepSpeed engine around the stage's student.
 
 Per step: take the next micro-batch of the worker's dataset shard (time spent waiting for it is the
-time waiting on the data plane, i.e. on the teacher's annotations; rows of similar length share a
-micro-batch, `length_buckets`), pad it (`actors.collate`), run
+time waiting on the data plane, i.e. on the teacher's annotations; with the stage's `length_window`,
+rows of similar length share a micro-batch, `length_buckets`), pad it (`actors.collate`), run
 `stage_step`, backpropagate through the engine, set the learning rate from `schedule.lr_at`, average
 the logged metrics over ranks, and log them on rank 0. Checkpoints every `checkpoint_every` steps
 and at the end; then rank 0 exports the stage's HF checkpoint.
@@ -245,7 +245,7 @@ def train_loop(config: dict) -> None:
                                      local_shuffle_buffer_size=job.shuffle_buffer or None,
                                      local_shuffle_seed=job.seed * 1000 + state.epoch if job.shuffle_buffer else None)
         resumed_pass = bool(state.consumed)
-        stream = length_buckets(fresh_batches(batches, state.consumed, micro), job.length_window,
+        stream = length_buckets(fresh_batches(batches, state.consumed, micro), job.spec.length_window,
                                 seed=(job.seed * 1000 + state.epoch) * 1000 + rank)
         stepped = False
         while state.step < steps:
