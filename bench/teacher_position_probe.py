@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--layout", choices=("plain", "words"), default="plain")
     ap.add_argument("--eval-records", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--length-window", type=int, default=1,
+                    help="group every N sampled batches by row length, as the workers do (1: random batches)")
     ap.add_argument("--eval-every", type=int, default=0, help="also print the accuracy every N steps (0: at the end only)")
     a = ap.parse_args()
 
@@ -182,10 +184,26 @@ def main() -> None:
         return {k: (round(100 * float(np.mean(v)), 1) if not k.startswith("caption-miss") else len(v))
                 for k, v in sorted(hits.items())}
 
+    def sampled_batches():
+        """Random batches, regrouped by row length every `--length-window` (student.training.worker)."""
+        from student.training.worker import length_buckets
+
+        def plain():
+            while True:
+                rows = random.sample(train, a.batch_size)
+                ids, objs = (np.empty(len(rows), dtype=object) for _ in range(2))
+                ids[:] = [r[C.INPUT_IDS] for r in rows]
+                objs[:] = rows
+                yield {C.ID: np.array([r[C.ID] for r in rows], dtype=object), C.INPUT_IDS: ids, "rows": objs}
+
+        for b in length_buckets(plain(), a.length_window, seed=a.seed):
+            yield list(b["rows"])
+
     model.train()
     t0 = time.time()
+    stream = sampled_batches()
     for step in range(1, a.steps + 1):
-        ids, att, lab, px = batch(random.sample(train, a.batch_size))
+        ids, att, lab, px = batch(next(stream))
         loss = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab).loss
         opt.zero_grad()
         loss.backward()
