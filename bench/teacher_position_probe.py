@@ -6,7 +6,7 @@ switches for the variants the table compares. Opt-in in run_all (a research prob
 
     .venv/bin/python bench/teacher_position_probe.py [--steps 600] [--seed 0] [--world DIR]
         [--feature-layers 0,-1] [--position-init-std 0.3] [--position-code-scale 1.0]
-        [--layout words --patch-size 16] [--layers 3]
+        [--layout words --patch-size 16] [--layers 3] [--length-window 8]
 
 Prints one JSON line: exact-match accuracy (%) of the teacher-forced answer per task type
 (caption, pope, and each VQA kind), and per object count for the VQA kinds ("position@2" ...).

@@ -91,7 +91,7 @@ def annotated_rows(world_dir, processor, teacher, tasks=("caption", "vqa", "pope
 
 def tiny_recipe(batch_size: int = 4, max_steps: dict | None = None):
     """datasets/shapes.yaml with every stage's global batch set to `batch_size` (a tiny world), one
-    epoch, and optional per-stage max_steps."""
+    epoch of one copy of the data, and optional per-stage max_steps."""
     import dataclasses
     from pathlib import Path
 
@@ -99,7 +99,8 @@ def tiny_recipe(batch_size: int = 4, max_steps: dict | None = None):
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "datasets" / "shapes.yaml")
     steps = max_steps or {}
-    stages = {k: dataclasses.replace(v, batch_size=batch_size, epochs=1.0, max_steps=steps.get(k))
+    stages = {k: dataclasses.replace(v, batch_size=batch_size, epochs=1.0, repeat=1,
+                                     max_steps=steps.get(k))
               for k, v in recipe.stages.items()}
     return dataclasses.replace(recipe, stages=stages, world=dataclasses.replace(recipe.world, size=12, seed=7))
 
