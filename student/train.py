@@ -38,7 +38,7 @@ def prepare_world(recipe, run_dir: Path) -> Path:
         return world_dir
     w = recipe.world
     generate_world(world_dir, GenerateConfig(size=w.size, seed=w.seed, noisy_rate=w.noisy_rate,
-                                                    chat_turns=w.chat_turns),
+                                             chat_turns=w.chat_turns),
                    WorldConfig(image_size=w.image_size, patch_size=w.patch_size))
     write_contact_sheet(world_dir, world_dir / "contact_sheet.png", count=16)
     return world_dir

@@ -209,12 +209,10 @@ def chat_records(recs: list[dict], scene: Scene, rng: np.random.Generator, turns
         if q not in asked:
             asked.add(q)
             unique.append((q, a))
-    order = [unique[int(i)] for i in rng.permutation(len(unique))]
     chats = []
-    for part in np.array_split(np.arange(len(order)), -(-len(order) // turns)):
-        chunk = [order[int(i)] for i in part]
+    for part in np.array_split(rng.permutation(len(unique)), -(-len(unique) // turns)):
         messages: list[dict[str, str]] = []
-        for n, (q, a) in enumerate(chunk):
+        for n, (q, a) in enumerate(unique[int(i)] for i in part):
             messages += [{"role": "user", "content": ("<image>" if n == 0 else "") + q},
                          {"role": "assistant", "content": a}]
         chats.append(dict(task="chat", subtask="clean", noisy=False, messages=messages, answer=None))

@@ -7,7 +7,7 @@ Sizes are chosen for the shapes world (48x48 images, 8 px patches -> 36 image to
   one that got 100 steps in a 3.2 min stage (VQA 39%, POPE 52%), hence H128 wide for `tiny`; a third
   layer at the same wall time (600 steps of 3 layers vs 800 of 2, 2026-12-07) lifted "where is X?"
   from 82% to 87-90% and caption exact match from 74% to 80-82%, hence H128 x 3;
-- the student must be genuinely smaller (about a third of the teacher's LM parameters) so
+- the student must be genuinely smaller (a fifth of the teacher's LM parameters in `tiny`) so
   distillation has something to transfer;
 - every head_dim is >= 32 because vLLM's CPU attention kernels refuse smaller heads, and we want the
   very same checkpoints to serve there.
