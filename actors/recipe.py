@@ -141,7 +141,7 @@ def _build(cls, data, where: str):
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # a bad value names its place, like an unknown key
         raise ValueError(f"{where}: {e}") from e
 
 
