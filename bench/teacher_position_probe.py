@@ -6,7 +6,7 @@ switches for the variants the table compares. Opt-in in run_all (a research prob
 
     .venv/bin/python bench/teacher_position_probe.py [--steps 600] [--seed 0] [--world DIR]
         [--feature-layers 0,-1] [--position-init-std 0.3] [--position-code-scale 1.0]
-        [--layout words --patch-size 16] [--layers 3] [--length-window 8]
+        [--layout words --patch-size 16] [--layers 3] [--length-window 8] [--weight-decay 0.1]
 
 Prints one JSON line: exact-match accuracy (%) of the teacher-forced answer per task type
 (caption, pope, and each VQA kind), and per object count for the VQA kinds ("position@2" ...).
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -156,7 +157,7 @@ def main() -> None:
         return b[C.INPUT_IDS], b[C.ATTENTION_MASK], b[C.LABELS], b[C.PIXEL_VALUES]
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=a.weight_decay)
     warm = max(1, int(0.05 * a.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
