@@ -58,6 +58,7 @@ class LossSpec:
     res: float = 0.0  # LLaVA-KD MDist, response positions
     vis: float = 0.0  # LLaVA-KD MDist, visual positions
     rel: float = 0.0  # LLaVA-KD RDist
+    ground: float = 0.0  # the embedded teacher's grounding loss (student.losses.grounding); shapes world only
     aux: float = 0.01  # MoE load balancing, applied only when the student is sparse
     dpo_beta: float = 0.1
     dpo_kind: str = "sigmoid"

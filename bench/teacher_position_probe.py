@@ -7,6 +7,8 @@ switches for the variants the table compares. Opt-in in run_all (a research prob
     .venv/bin/python bench/teacher_position_probe.py [--steps 600] [--seed 0] [--world DIR]
         [--feature-layers 0,-1] [--position-init-std 0.3] [--position-code-scale 1.0]
         [--layout words --patch-size 16] [--layers 3] [--length-window 8] [--weight-decay 0.1]
+        [--heads 8] [--head-dim 64] [--rope-theta 1e6] [--qk-norm-lr 30] [--vision-layers 1]
+        [--ground-weight 0.5]
 
 Prints one JSON line: exact-match accuracy (%) of the teacher-forced answer per task type
 (caption, pope, and each VQA kind), and per object count for the VQA kinds ("position@2" ...).
@@ -65,6 +67,13 @@ def word_kind(word: str) -> str:
     return "other:" + word
 
 
+def qk_gain(model) -> list[float]:
+    """Per LM layer, the mean of q_norm x k_norm gains: how much sharper than at init its attention may be."""
+    layers = model.model.language_model.layers
+    return [round(float((l.self_attn.q_norm.weight.abs().mean() * l.self_attn.k_norm.weight.abs().mean())), 2)
+            for l in layers if hasattr(l.self_attn, "q_norm")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=Path, default=None, help="a generated shapes world (default: generate 3000 images)")
@@ -75,7 +84,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default: the preset's)")
+    ap.add_argument("--rope-theta", type=float, default=None, help="the LM's RoPE base (default: the preset's)")
+    ap.add_argument("--head-dim", type=int, default=None, help="per-head width (default: the preset's)")
+    ap.add_argument("--qk-norm-lr", type=float, default=1.0,
+                    help="learning-rate multiplier of the q_norm/k_norm gains (how fast attention may sharpen)")
     ap.add_argument("--patch-size", type=int, default=8)
+    ap.add_argument("--vision-layers", type=int, default=None, help="vision tower layers (default: the preset's)")
     ap.add_argument("--feature-layers", default="-1", help="vision_feature_layer: -1, or a list such as 0,-1")
     ap.add_argument("--position-init-std", type=float, default=None, help="re-initialise CLIP's position table")
     ap.add_argument("--position-code-scale", type=float, default=0.0, help="diagnostic hook; 0 = off")
@@ -87,6 +102,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--length-window", type=int, default=1,
                     help="group every N sampled batches by row length, as the workers do (1: random batches)")
+    ap.add_argument("--ground-weight", type=float, default=0.0,
+                    help="the teacher stage's grounding loss (student.losses.grounding) at this weight; 0 = off")
     ap.add_argument("--eval-every", type=int, default=0, help="also print the accuracy every N steps (0: at the end only)")
     a = ap.parse_args()
 
@@ -112,12 +129,20 @@ def main() -> None:
             make_world(world, size=3000)
     tok = load_tokenizer(world / "tokenizer")
     preset = get_preset("tiny")
-    vision = replace(preset.vision, patch_size=a.patch_size)
+    vision = replace(preset.vision, patch_size=a.patch_size, num_layers=a.vision_layers or preset.vision.num_layers)
     llm = replace(preset.teacher, hidden_size=a.hidden, intermediate_size=3 * a.hidden, num_layers=a.layers)
+    if a.heads:
+        llm = replace(llm, num_heads=a.heads, num_kv_heads=a.heads)
+    if a.head_dim:
+        llm = replace(llm, head_dim=a.head_dim)
+    if a.rope_theta:
+        llm = replace(llm, rope_theta=a.rope_theta)
     cfg = llava_config(vision, llm, tok)
     layers = [int(x) for x in a.feature_layers.split(",")]
     cfg.vision_feature_layer = layers[0] if len(layers) == 1 else layers
     model = LlavaForConditionalGeneration(cfg)
+    if a.ground_weight:
+        model.set_attn_implementation("eager")  # the grounding loss reads attention weights
     proc = build_processor(tok, vision.image_size, vision.patch_size)
     ip = proc.image_processor
     n_img = vision.num_patches
@@ -156,7 +181,9 @@ def main() -> None:
         b = collate(rows, tok.pad_token_id)
         return b[C.INPUT_IDS], b[C.ATTENTION_MASK], b[C.LABELS], b[C.PIXEL_VALUES]
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    norms = [p for n, p in model.named_parameters() if p.requires_grad and ("q_norm" in n or "k_norm" in n)]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not ("q_norm" in n or "k_norm" in n)]
+    params = [{"params": rest}, {"params": norms, "lr": a.lr * a.qk_norm_lr}]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=a.weight_decay)
     warm = max(1, int(0.05 * a.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -200,15 +227,25 @@ def main() -> None:
         for b in length_buckets(plain(), a.length_window, seed=a.seed):
             yield list(b["rows"])
 
+    from actors.shapes.grounding import token_words
+    from student.training.step import StepContext, grounding_term
+
+    ground_ctx = StepContext(vocab_size=len(tok), image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id,
+                             ground_words=tuple(token_words(tok)), patches_per_side=vision.image_size // vision.patch_size)
+
     model.train()
     t0 = time.time()
     stream = sampled_batches()
     for step in range(1, a.steps + 1):
         ids, att, lab, px = batch(next(stream))
-        loss = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab).loss
+        if a.ground_weight:
+            out = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab, output_attentions=True)
+            loss = out.loss + a.ground_weight * grounding_term(out.attentions, ids, lab, ground_ctx)
+        else:
+            loss = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab).loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(rest + norms, 1.0)
         opt.step()
         sched.step()
         if a.eval_every and step % a.eval_every == 0 and step < a.steps:
@@ -218,7 +255,7 @@ def main() -> None:
     acc = accuracy()
     print(json.dumps({"bench": "teacher_position_probe", "args": {k: str(v) for k, v in vars(a).items()},
                       "vision_pretrain_s": round(vision_s, 1), "train_s": round(train_s, 1),
-                      "final_loss": round(loss.item(), 4), "accuracy": acc}))
+                      "final_loss": round(loss.item(), 4), "qk_gain": qk_gain(model), "accuracy": acc}))
 
 
 if __name__ == "__main__":

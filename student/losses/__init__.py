@@ -1,6 +1,7 @@
 """Distillation losses for mod-distill: pure functions of tensors (see docs/losses.md)."""
 from .chunked import IGNORE_INDEX, ce_loss, chunked_loss, chunked_row_values
 from .dpo import DPO_KINDS, dpo_loss, sequence_logps
+from .grounding import grounding_loss
 from .kd import KD_KINDS, FullTeacher, Teacher, TopKTeacher, divergence, kd_loss
 from .moe_aux import expert_load, load_balancing_loss, router_z_loss
 from .objectives import STAGE_TERMS, LossWeights, active_terms, stage_loss
@@ -15,6 +16,7 @@ __all__ = [
     "DPO_KINDS",
     "dpo_loss",
     "sequence_logps",
+    "grounding_loss",
     "KD_KINDS",
     "FullTeacher",
     "TopKTeacher",

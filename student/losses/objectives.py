@@ -1,6 +1,7 @@
 """Per-stage objectives: which loss terms a stage adds up, and with what weights.
 
-    teacher, init, sft : ce                                     (next-token CE)
+    teacher            : ce * ce + ground * ground              (ground: the shapes world's grounding loss)
+    init, sft          : ce                                     (next-token CE)
     d2d                : kd * kl                                (LLaVA-MoD Eq. 6)
     d2s                : ce * ce + kd * kl                      (LLaVA-MoD Eq. 7)
     preference         : dpo * dpo                              (LLaVA-MoD Eq. 8)
@@ -26,7 +27,7 @@ __all__ = ["STAGE_TERMS", "LossWeights", "active_terms", "stage_loss"]
 
 # stage -> (term name, weight field) pairs
 STAGE_TERMS: dict[str, tuple[tuple[str, str], ...]] = {
-    "teacher": (("ce", "ce"),),
+    "teacher": (("ce", "ce"), ("ground", "ground")),
     "init": (("ce", "ce"),),
     "sft": (("ce", "ce"),),
     "d2d": (("kl", "kd"),),
@@ -49,6 +50,7 @@ class LossWeights:
     vis: float = 1.0  # beta / beta'
     rel: float = 0.5  # gamma / gamma'
     aux: float = 0.01
+    ground: float = 0.0  # not in the papers: the embedded teacher's grounding loss, off unless a recipe sets it
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -31,6 +31,7 @@ from student.losses import (
     active_terms,
     ce_loss,
     dpo_loss,
+    grounding_loss,
     kd_loss,
     rdist_loss,
     select_mask,
@@ -39,7 +40,7 @@ from student.losses import (
     stage_loss,
 )
 
-__all__ = ["StepContext", "loss_weights", "stage_step", "forward_hidden"]
+__all__ = ["StepContext", "loss_weights", "stage_step", "forward_hidden", "grounding_term"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,16 @@ class StepContext:
     image_token_id: int
     pad_token_id: int
     gather_head: bool = False  # ZeRO-3: lm_head.weight is partitioned, run the head module on selected rows
+    # The ground term (teacher stage, shapes world): the tokenizer's id -> word table
+    # (actors.shapes.grounding.token_words) and the image's patches per side.
+    ground_words: tuple[str, ...] = ()
+    patches_per_side: int = 0
 
 
 def loss_weights(spec: LossSpec) -> LossWeights:
     """A recipe's loss block -> the objective's weights (DPO has no weight of its own: 1)."""
-    return LossWeights(ce=spec.ce, kd=spec.kd, res=spec.res, vis=spec.vis, rel=spec.rel, aux=spec.aux, dpo=1.0)
+    return LossWeights(ce=spec.ce, kd=spec.kd, res=spec.res, vis=spec.vis, rel=spec.rel, aux=spec.aux, dpo=1.0,
+                       ground=spec.ground)
 
 
 def forward_hidden(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> Tensor:
@@ -125,6 +131,27 @@ def _rel(head: _Head, hidden: Tensor, batch: dict, visual: Tensor, ctx: StepCont
                       vocab_size=ctx.vocab_size)
 
 
+def grounding_term(attentions, ids: Tensor, labels: Tensor, ctx: StepContext) -> Tensor:
+    """Head 0 of every LM layer but the first, at the positions predicting a place word or a caption
+    phrase's word, pulled onto the image tokens of the cell the word is about (actors.shapes.grounding)."""
+    from actors.shapes.grounding import grounding_targets, patch_cells
+
+    if not ctx.ground_words or not ctx.patches_per_side:
+        raise ValueError("the ground term needs StepContext.ground_words and patches_per_side (the shapes world's tokenizer)")
+    if not attentions or attentions[0] is None:
+        raise ValueError("the ground term needs attention weights: load the model with attn_implementation='eager'")
+    side = ctx.patches_per_side
+    r, q, c = (torch.from_numpy(x).to(ids.device) for x in grounding_targets(
+        ids.cpu().numpy(), labels.cpu().numpy(), list(ctx.ground_words), ctx.image_token_id, side))
+    image = ids == ctx.image_token_id
+    key_cell = torch.full_like(ids, -1)
+    cells = torch.from_numpy(patch_cells(side)).to(ids.device)
+    for b in torch.unique(r).tolist():
+        key_cell[b, image[b]] = cells
+    layers = list(attentions[1:]) or list(attentions)
+    return grounding_loss(layers, r, q, key_cell[r] == c.unsqueeze(-1))
+
+
 def _preference(model, head: _Head, batch: dict, spec: LossSpec, ctx: StepContext):
     """Chosen and rejected sequences in one forward of 2B rows (the image is shared)."""
     for name in (C.CHOSEN_INPUT_IDS, C.CHOSEN_LABELS, C.REJECTED_INPUT_IDS, C.REJECTED_LABELS,
@@ -171,13 +198,19 @@ def stage_step(model, batch: dict, stage: str, spec: LossSpec, ctx: StepContext,
         terms, extra, token_mask = _preference(model, head, batch, spec, ctx)
     else:
         ids, labels, attn = batch[C.INPUT_IDS], batch[C.LABELS], batch[C.ATTENTION_MASK]
-        hidden = forward_hidden(model, ids, attn, batch.get(C.PIXEL_VALUES))
-        token_mask = attn
-        response = select_mask("response", labels=labels, attention_mask=attn)
         # A term weighted 0 (an ablation arm: d2s without KL, LLaVA-KD's plain PT) is switched off: the
         # data plane did not annotate the teacher rows it would need (actors.annotate.annotation_plan).
         active = active_terms(stage, weights)
         terms = {}
+        if "ground" in active:
+            out = model.model(input_ids=ids, attention_mask=attn, pixel_values=batch.get(C.PIXEL_VALUES),
+                              use_cache=False, output_attentions=True)
+            hidden = out.last_hidden_state
+            terms["ground"] = grounding_term(out.attentions, ids, labels, ctx)
+        else:
+            hidden = forward_hidden(model, ids, attn, batch.get(C.PIXEL_VALUES))
+        token_mask = attn
+        response = select_mask("response", labels=labels, attention_mask=attn)
         if "ce" in active:
             terms["ce"] = _ce(head, hidden, batch, response, ctx)
         if "kl" in active:

@@ -203,8 +203,15 @@ def train_loop(config: dict) -> None:
     model.train()
     recorder = RouterRecorder(model).attach() if is_moe(model) else None
     tok = processor.tokenizer
+    ground = {}
+    if spec.loss.ground > 0:  # the grounding loss reads attention weights, which only eager attention returns
+        from actors.shapes.grounding import token_words
+
+        model.set_attn_implementation("eager")
+        vcfg = model.config.vision_config
+        ground = dict(ground_words=tuple(token_words(tok)), patches_per_side=vcfg.image_size // vcfg.patch_size)
     step_ctx = StepContext(vocab_size=len(tok), image_token_id=int(tok.image_token_id),
-                           pad_token_id=int(tok.pad_token_id), gather_head=job.zero_stage == 3)
+                           pad_token_id=int(tok.pad_token_id), gather_head=job.zero_stage == 3, **ground)
 
     micro = max(1, spec.batch_size // world)
     global_batch = micro * world
