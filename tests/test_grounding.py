@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from actors.shapes.grounding import grounding_targets, patch_cells, token_words
+from actors.shapes.tasks import parse_mentions
 from actors.shapes.vocab import POSITIONS
 from student.losses import grounding_loss
 
@@ -60,8 +61,8 @@ def test_targets_of_a_place_answer_and_of_caption_phrases(shapes_tokenizer):
 
 
 def test_targets_of_the_worlds_chats_point_at_the_named_objects(shapes_world):
-    """Every target of the world's own chats is an occupied cell, and each "where is" answer's word
-    points at the cell of the object the question names."""
+    """On the world's own chats: one target per word of a place answer and per grounded word of a
+    caption phrase (parsed back with `parse_mentions`), each an occupied cell of that image."""
     import pyarrow.parquet as pq
 
     from actors.preprocess import image_seq_length_of, preprocess_record
@@ -80,11 +81,14 @@ def test_targets_of_the_worlds_chats_point_at_the_named_objects(shapes_world):
     ids, labels = _batch([(p["input_ids"].tolist(), p["labels"].tolist(), 0) for p in pre])
     words = token_words(tok)
     rows, queries, cells = grounding_targets(ids, labels, words, tok.image_token_id, 6)
-    assert len(rows) > 40
-    where_asked = sum(m["content"].endswith("?") and m["content"].split("?")[0].split("<image>")[-1].startswith("Where is")
-                      for r in recs for m in r["messages"] if m["role"] == "user")
-    place_answers = sum(m["content"] in POSITIONS for r in recs for m in r["messages"] if m["role"] == "assistant")
-    assert place_answers == where_asked > 0
+    expected = 0  # a place answer grounds each of its words; a caption phrase its 3 attributes and place words
+    for rec in recs:
+        for m in rec["messages"]:
+            if m["role"] == "assistant" and m["content"] in POSITIONS:
+                expected += len(m["content"].split())
+            elif m["role"] == "assistant":
+                expected += sum(3 + len(o.position.split()) for o in parse_mentions(m["content"]))
+    assert len(rows) == expected > 40
     for r, q, c in zip(rows.tolist(), queries.tolist(), cells.tolist()):
         scene = labels_of[recs[r]["id"]]
         assert scene["cell_present"][c] == 1, (recs[r]["id"], words[labels[r, q + 1]], c)
