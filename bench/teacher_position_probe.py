@@ -8,7 +8,7 @@ switches for the variants the table compares. Opt-in in run_all (a research prob
         [--feature-layers 0,-1] [--position-init-std 0.3] [--position-code-scale 1.0]
         [--layout words --patch-size 16] [--layers 3] [--length-window 8] [--weight-decay 0.1]
         [--heads 8] [--head-dim 64] [--rope-theta 1e6] [--qk-norm-lr 30] [--vision-layers 1]
-        [--ground-weight 0.5]
+        [--ground-weight 0.5 [--ground-questions]]
 
 Prints one JSON line: exact-match accuracy (%) of the teacher-forced answer per task type
 (caption, pope, and each VQA kind), and per object count for the VQA kinds ("position@2" ...).
@@ -104,6 +104,9 @@ def main() -> None:
                     help="group every N sampled batches by row length, as the workers do (1: random batches)")
     ap.add_argument("--ground-weight", type=float, default=0.0,
                     help="the teacher stage's grounding loss (student.losses.grounding) at this weight; 0 = off")
+    ap.add_argument("--ground-questions", action="store_true",
+                    help="with --ground-weight: also ground colour / size / shape-at / POPE answers on the cells "
+                         "the image's labels give (actors.shapes.grounding.question_cells)")
     ap.add_argument("--eval-every", type=int, default=0, help="also print the accuracy every N steps (0: at the end only)")
     a = ap.parse_args()
 
@@ -230,6 +233,41 @@ def main() -> None:
     from actors.shapes.grounding import token_words
     from student.training.step import StepContext, grounding_term
 
+    from actors.shapes.grounding import patch_cells, question_cells
+    from student.losses import grounding_loss
+
+    labels_of = {r["id"]: r for r in chats}
+    cell_of_patch = torch.from_numpy(patch_cells(vision.image_size // vision.patch_size))
+
+    def question_term(attentions, ids, lab, row_ids):
+        """The ground term of answers whose cells come from the image's labels: the answer's first
+        word, from the position before it, onto every cell `question_cells` names."""
+        rows, queries, masks = [], [], []
+        for b in range(ids.shape[0]):
+            image = ids[b] == tok.image_token_id
+            if int(image.sum()) != len(cell_of_patch):
+                continue
+            answer = (lab[b] != C.IGNORE_INDEX).tolist()
+            t, prev = 0, 0
+            while t < len(answer):
+                if not answer[t]:
+                    t += 1
+                    continue
+                end = t + answer[t:].index(False) if False in answer[t:] else len(answer)
+                asked = tok.decode([i for i in ids[b, prev:t].tolist() if i != tok.image_token_id],
+                                   skip_special_tokens=True).strip().split("\n")[-1].strip()
+                cells = question_cells(asked, labels_of[row_ids[b]])
+                if cells:
+                    key_cell = torch.full_like(ids[b], -1)
+                    key_cell[image] = cell_of_patch
+                    rows.append(b)
+                    queries.append(t - 1)
+                    masks.append(torch.isin(key_cell, torch.tensor(cells)))
+                prev = t = end
+        if not rows:
+            return torch.zeros(())
+        return grounding_loss(list(attentions[1:]), torch.tensor(rows), torch.tensor(queries), torch.stack(masks))
+
     ground_ctx = StepContext(vocab_size=len(tok), image_token_id=tok.image_token_id, pad_token_id=tok.pad_token_id,
                              ground_words=tuple(token_words(tok)), patches_per_side=vision.image_size // vision.patch_size)
 
@@ -237,10 +275,14 @@ def main() -> None:
     t0 = time.time()
     stream = sampled_batches()
     for step in range(1, a.steps + 1):
-        ids, att, lab, px = batch(next(stream))
+        rows_now = next(stream)
+        ids, att, lab, px = batch(rows_now)
         if a.ground_weight:
             out = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab, output_attentions=True)
             loss = out.loss + a.ground_weight * grounding_term(out.attentions, ids, lab, ground_ctx)
+            if a.ground_questions:
+                row_ids = [r[C.ID] for r in rows_now]
+                loss = loss + a.ground_weight * question_term(out.attentions, ids, lab, row_ids)
         else:
             loss = model(input_ids=ids, attention_mask=att, pixel_values=px, labels=lab).loss
         opt.zero_grad()

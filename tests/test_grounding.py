@@ -186,3 +186,24 @@ def test_the_teacher_step_with_grounding_sharpens_the_lookup(shapes_world):
         total.backward()
         opt.step()
     assert seen[-1] < 0.5 * seen[0], seen
+
+
+def test_question_cells_name_the_objects_a_question_is_about():
+    from actors.shapes.grounding import question_cells
+    from actors.shapes.world import Obj, Scene, cell_labels
+
+    scene = Scene(objects=(Obj("circle", "red", "small", 0), Obj("circle", "blue", "small", 4),
+                           Obj("square", "blue", "large", 8)), offsets=((0, 0),) * 3)
+    cells = cell_labels(scene)
+    asked = {
+        "What colour is the square?": [8],
+        "What colour is the circle at the top left?": [0],
+        "What shape is at the bottom right?": [8],
+        "Is the red circle small or large?": [0],
+        "Is the blue circle at the center small or large?": [4],
+        "Is there a blue circle in the image?": [4],
+        "Is there a red square in the image?": [],  # the answer is no: nothing to point at
+        "How many objects are there?": [],
+        "Where is the red circle?": [],  # grounded from its answer's words instead
+    }
+    assert {q: question_cells(q, cells) for q in asked} == asked

@@ -16,7 +16,7 @@ import numpy as np
 
 from actors.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
 
-__all__ = ["GRID", "patch_cells", "token_words", "grounding_targets"]
+__all__ = ["GRID", "patch_cells", "token_words", "grounding_targets", "question_cells"]
 
 GRID = 3
 IGNORE = -100
@@ -98,3 +98,37 @@ def grounding_targets(input_ids: np.ndarray, labels: np.ndarray, words: list[str
             t = end
     as_long = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return as_long(rows), as_long(queries), as_long(cells)
+
+
+def question_cells(question: str, cells: dict) -> list[int]:
+    """The cells a question's answer is about, from the image's per-cell labels (`world.cell_labels`):
+    "what colour is the S (at the P)?", "what shape is at the P?", "is the C S (at the P) small or
+    large?", and "is there a C S in the image?" (every C S; none when the answer is no). [] for the
+    rest (count, where-is, captions: `grounding_targets` reads those from the answer's text).
+
+    What text-only targets cannot reach: "what colour is the square?" names no place. Used by the
+    probe (bench/teacher_position_probe.py --ground-questions); the stage needs the labels in its rows."""
+    words = question.replace("?", " ?").split()
+    text = " ".join(words)
+
+    def place() -> list[int]:
+        if " at the " not in text:
+            return []
+        name = text.rsplit(" at the ", 1)[1].replace(" small or large", "").replace(" ?", "").strip()
+        return [POSITIONS.index(name)] if name in POSITIONS else []
+
+    def match(colour: str | None = None, shape: str | None = None) -> list[int]:
+        return [c for c in range(GRID * GRID) if cells["cell_present"][c] == 1
+                and (colour is None or cells["cell_colour"][c] == COLOUR_NAMES.index(colour))
+                and (shape is None or cells["cell_shape"][c] == SHAPES.index(shape))]
+
+    if text.startswith("What colour is the ") and len(words) > 4 and words[4] in SHAPES:
+        return place() or match(shape=words[4])
+    if text.startswith("What shape is at the "):
+        return place()
+    if text.startswith("Is the ") and "small or large" in text and len(words) > 3 \
+            and words[2] in COLOUR_NAMES and words[3] in SHAPES:
+        return place() or match(colour=words[2], shape=words[3])
+    if text.startswith("Is there a ") and len(words) > 4 and words[3] in COLOUR_NAMES and words[4] in SHAPES:
+        return match(colour=words[3], shape=words[4])
+    return []
