@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from actors.shapes.grounding import patch_cells
+from actors.shapes.world import GRID
+
 __all__ = ["VisionPretrainConfig", "LABELS", "cell_targets", "patch_features", "position_code", "pretrain_vision_tower",
            "probe_accuracy"]
 
 # label column -> number of classes (-1 in the data = no object in that cell: ignored)
 LABELS = {"cell_present": 2, "cell_shape": 4, "cell_colour": 6, "cell_size": 2}
-GRID = 3
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,7 @@ def _pixels(images: list[bytes], image_mean, image_std) -> torch.Tensor:
 
 def cell_targets(rows: list[dict], patches_per_side: int) -> dict[str, torch.Tensor]:
     """Per-patch targets [B, P] (row-major patches) from per-cell labels [B, 9]."""
-    per_cell = patches_per_side // GRID
-    if per_cell * GRID != patches_per_side:
-        raise ValueError(f"patches per side ({patches_per_side}) must be a multiple of the {GRID}x{GRID} grid")
-    r = torch.arange(patches_per_side) // per_cell
-    cell_of_patch = (r.view(-1, 1) * GRID + r.view(1, -1)).reshape(-1)  # [P]
+    cell_of_patch = torch.from_numpy(patch_cells(patches_per_side))  # [P]
     out = {}
     for name in LABELS:
         cells = torch.tensor([row[name] for row in rows], dtype=torch.long)  # [B, 9]

@@ -12,14 +12,15 @@ Pure functions over token ids: no tokenizer at call time, only its id -> word ta
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from actors.columns import IGNORE_INDEX
 from actors.shapes.vocab import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
+from actors.shapes.world import GRID
 
 __all__ = ["GRID", "patch_cells", "token_words", "grounding_targets", "question_cells"]
-
-GRID = 3
-IGNORE = -100
 
 
 def patch_cells(side: int) -> np.ndarray:
@@ -69,7 +70,7 @@ def _span_targets(words: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-def grounding_targets(input_ids: np.ndarray, labels: np.ndarray, words: list[str], image_token_id: int,
+def grounding_targets(input_ids: np.ndarray, labels: np.ndarray, words: Sequence[str], image_token_id: int,
                       side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, query position, cell) of every grounded answer word in a batch [B, T].
 
@@ -80,7 +81,7 @@ def grounding_targets(input_ids: np.ndarray, labels: np.ndarray, words: list[str
     for b in range(input_ids.shape[0]):
         if int((input_ids[b] == image_token_id).sum()) != side * side:
             continue
-        answer = labels[b] != IGNORE
+        answer = labels[b] != IGNORE_INDEX
         t = 0
         while t < len(answer):
             if not answer[t]:

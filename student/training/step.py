@@ -142,7 +142,7 @@ def grounding_term(attentions, ids: Tensor, labels: Tensor, ctx: StepContext) ->
         raise ValueError("the ground term needs attention weights: load the model with attn_implementation='eager'")
     side = ctx.patches_per_side
     r, q, c = (torch.from_numpy(x).to(ids.device) for x in grounding_targets(
-        ids.cpu().numpy(), labels.cpu().numpy(), list(ctx.ground_words), ctx.image_token_id, side))
+        ids.cpu().numpy(), labels.cpu().numpy(), ctx.ground_words, ctx.image_token_id, side))
     image = ids == ctx.image_token_id
     key_cell = torch.full_like(ids, -1)
     cells = torch.from_numpy(patch_cells(side)).to(ids.device)
